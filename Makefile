@@ -1,0 +1,46 @@
+# lbridge — the two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LBRIDGE := $(BIN)/lbridge
+DEMO_RATIOS := 2,3,4,5
+DEMO_PROMPTS := 20
+
+.PHONY: install demo test lint format tiny-model clean
+
+# Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded tiny model: sample (with the same-seed reference), evaluate, tabulate.
+demo: install
+	$(LBRIDGE) sample -m model=tiny method=fora ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
+	$(LBRIDGE) eval model=tiny method=none num_prompts=$(DEMO_PROMPTS)
+	$(LBRIDGE) eval -m model=tiny method=fora ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
+	$(LBRIDGE) report model=tiny
+
+test: install
+	$(BIN)/ruff check lbridge scripts tests
+	$(BIN)/python -m pytest -q -n 2
+
+lint: install
+	$(BIN)/ruff check lbridge scripts tests
+	$(BIN)/ruff format --check lbridge scripts tests
+
+format: install
+	$(BIN)/ruff format lbridge scripts tests
+	$(BIN)/ruff check --fix lbridge scripts tests
+
+# Retrain the shipped assets (fixed seeds; ~1 min and ~15 min on 2 CPU cores).
+tiny-model: install
+	$(BIN)/python scripts/train_classifier.py
+	$(BIN)/python scripts/train_tiny.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,186 @@
+"""`lbridge.accelerate(pipe, method, ratio)`: the one-call Python API.
+
+    pipe = FluxPipeline.from_pretrained(...)
+    acc = lbridge.accelerate(pipe, "fora", ratio=3, prompt="a cat", num_inference_steps=50)
+    image = pipe("a cat", num_inference_steps=50).images[0]
+    print(acc.summary())
+    acc.remove()
+
+The keyword arguments after `ratio` are one pipeline call: lbridge starts it, captures the first
+transformer call (the real shapes) and stops it there, then counts FLOPs of a FULL and a CACHED step
+on those inputs and solves the schedule that reaches the ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import ModelHook
+
+from lbridge.errors import LbridgeError
+from lbridge.methods.base import CacheMethod, load_method
+from lbridge.models.base import ModelAdapter, adapter_for
+from lbridge.runtime.context import CacheRuntime, ManualClock, SchedulerClock
+from lbridge.runtime.cost import StepCost, count_flops
+from lbridge.runtime.hooks import CONTEXT_HOOK, StepContextHook, register, remove_all
+from lbridge.runtime.schedule import Schedule, solve
+
+
+@dataclass
+class CapturedCall:
+    args: tuple
+    kwargs: dict[str, Any]
+    num_steps: int
+
+
+class _Captured(Exception):  # noqa: N818 -- control flow, never reaches a user
+    pass
+
+
+class _CaptureHook(ModelHook):
+    def __init__(self, scheduler) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    def pre_forward(self, module, *args, **kwargs):
+        raise _Captured(CapturedCall(args, kwargs, len(self.scheduler.timesteps)))
+
+
+def capture_transformer_call(pipe: DiffusionPipeline, transformer: torch.nn.Module, **call: Any) -> CapturedCall:
+    """Run `pipe(**call)` only up to its first transformer call and return that call's inputs."""
+    name = "lbridge.capture"
+    register(transformer, _CaptureHook(pipe.scheduler), name)
+    try:
+        pipe(**call)
+    except _Captured as done:
+        return done.args[0]
+    finally:
+        remove_all(transformer, [name])
+    raise LbridgeError("the pipeline call never called its transformer")
+
+
+class Accelerator:
+    """A method attached to one pipeline's transformer with a solved schedule."""
+
+    def __init__(self, pipe: DiffusionPipeline, method: CacheMethod, adapter: ModelAdapter) -> None:
+        self.pipe, self.method, self.adapter = pipe, method, adapter
+        self.transformer = adapter.transformer(pipe)
+        self.runtime: CacheRuntime | None = None
+        self.cost: StepCost | None = None
+        self.attached = False
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(self, ratio: float, call: dict[str, Any], warmup: int = 1, spacing: str = "even",
+             interval: int | None = None) -> Schedule:  # fmt: skip
+        captured = capture_transformer_call(self.pipe, self.transformer, **call)
+        steps = captured.num_steps
+        self.runtime = CacheRuntime(ManualClock(steps), Schedule.all_full(steps))
+        self.attach()
+        try:
+            self.cost = self._measure(captured)
+        finally:
+            self.remove()
+        if not self.method.accelerates:
+            schedule = Schedule.all_full(steps)
+        elif interval is not None:
+            schedule = Schedule.with_interval(steps, int(interval), warmup)
+        else:
+            schedule = solve(steps, self.cost.full, self.cost.cached, float(ratio), warmup, spacing)
+        self.runtime = CacheRuntime(SchedulerClock(self.pipe.scheduler), schedule)
+        return schedule
+
+    def _measure(self, captured: CapturedCall) -> StepCost:
+        clock = self.runtime.clock
+
+        def call() -> None:
+            self.transformer(*captured.args, **captured.kwargs)
+
+        clock.step = 0
+        full = count_flops(call)
+        if not self.method.accelerates or captured.num_steps < 2:
+            return StepCost(full, full)
+        # Step 0 is FULL (fills the caches), step 1 is CACHED: count the CACHED call alone.
+        self.runtime.schedule = Schedule((True, False) + (True,) * (captured.num_steps - 2))
+        clock.step = 0
+        with torch.no_grad():
+            call()
+        clock.step = 1
+        cached = count_flops(call)
+        self.method.reset()
+        return StepCost(full, cached)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def attach(self) -> Accelerator:
+        if self.runtime is None:
+            raise LbridgeError("plan() the schedule before attaching")
+        if not self.attached:
+            self.method.attach(self.transformer, self.adapter, self.runtime)
+            # Registered last, so it is the outermost hook: the context is set before anything runs.
+            register(self.transformer, StepContextHook(self.runtime), CONTEXT_HOOK)
+            self.attached = True
+        return self
+
+    def remove(self) -> None:
+        if self.attached:
+            self.method.detach(self.transformer)
+            remove_all(self.transformer, [CONTEXT_HOOK])
+            self.attached = False
+
+    def reset(self) -> None:
+        """Call between samples: drops cached features and the per-sample call counters."""
+        self.method.reset()
+        self.runtime.calls.clear()
+        self.runtime.full_calls = self.runtime.cached_calls = 0
+
+    # -- reporting ---------------------------------------------------------------------------
+    @property
+    def schedule(self) -> Schedule:
+        return self.runtime.schedule
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.schedule.flops_ratio(self.cost.full, self.cost.cached)
+
+    def sample_flops(self) -> int:
+        """FLOPs of the transformer calls made since the last `reset`, as the calls really ran."""
+        return self.runtime.full_calls * self.cost.full + self.runtime.cached_calls * self.cost.cached
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method.describe(),
+            "schedule": str(self.schedule),
+            "full_steps": self.schedule.num_full,
+            "flops_full_step": self.cost.full,
+            "flops_cached_step": self.cost.cached,
+            "flops_ratio": self.flops_ratio,
+        }
+
+
+def accelerate(
+    pipe: DiffusionPipeline,
+    method: str | CacheMethod = "fora",
+    ratio: float = 2.0,
+    *,
+    adapter: ModelAdapter | None = None,
+    warmup: int = 1,
+    spacing: str = "even",
+    interval: int | None = None,
+    method_params: dict[str, Any] | None = None,
+    **call: Any,
+) -> Accelerator:
+    """Attach `method` to `pipe` with the schedule whose FLOPs ratio is >= `ratio`.
+
+    `call` is a representative pipeline call (prompt, num_inference_steps, height, width...): its
+    shapes are the ones FLOPs are counted on. Returns the attached `Accelerator`.
+    """
+    if isinstance(method, str):
+        method = load_method(method, **(method_params or {}))
+    if adapter is None:
+        adapter = adapter_for(pipe.transformer)(name=type(pipe).__name__)
+    call.setdefault("prompt", "a photo")
+    accelerator = Accelerator(pipe, method, adapter)
+    accelerator.plan(ratio, call, warmup=warmup, spacing=spacing, interval=interval)
+    return accelerator.attach()

@@ -1,0 +1,1 @@
+"""Offline calibration: trajectory storage and (in later issues) the fitting of learned methods."""

@@ -1,0 +1,119 @@
+"""`lbridge <command> [hydra overrides]`: compose lbridge/conf/<command>.yaml and run the command.
+
+Config mistakes are caught before Hydra runs anything and reported in one line that names the bad
+value and the accepted ones; Hydra's multirun (`-m`) and sweeps work as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import sys
+from functools import partial
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from lbridge.conf_paths import CONF_DIR, group_options
+from lbridge.errors import LbridgeError
+
+COMMANDS = {
+    "collect": "full-compute trajectories (final-block input/output per step) for calibration",
+    "calibrate": "fit a calibrated method's parameters on collected trajectories",
+    "sample": "generate images with a method and its same-seed full-compute reference",
+    "eval": "metrics of a sampled run (PSNR/SSIM vs reference, model-specific metrics)",
+    "report": "gather evaluated runs of a model into a table",
+}
+GROUPS = ("model", "method", "prompts")
+MAX_CHECKED_COMBINATIONS = 64
+
+USAGE = "usage: lbridge <command> [-m] [key=value ...]\n\ncommands:\n" + "\n".join(
+    f"  {name:<10} {text}" for name, text in COMMANDS.items()
+) + (
+    "\n\nconfig groups: " + "; ".join(f"{g}=" + "|".join(group_options(g)) for g in GROUPS)
+    + "\nexamples:\n  lbridge sample model=tiny method=fora ratio=3\n"
+    "  lbridge sample -m model=tiny method=none,fora ratio=2,3\n"
+    "  lbridge sample --cfg job        # print the composed config"
+)
+
+
+def fail(message: str) -> int:
+    print(f"lbridge: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _value_error(key: str, value: str) -> str | None:
+    group = key.lstrip("+~")
+    if group in GROUPS and value not in group_options(group):
+        return f"unknown {group} '{value}' (accepted: {', '.join(group_options(group))})"
+    return None
+
+
+def check_overrides(command: str, overrides: list[str]) -> str | None:
+    """Compose every combination a sweep would run; return a one-line error or None."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        return f"cannot parse overrides: {str(err).splitlines()[0]}"
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
+            override.get_value_element_as_str()
+        ]  # fmt: skip
+        for value in values:
+            if (error := _value_error(key, value)) is not None:
+                return error
+        choices.append([f"{key}={v}" for v in values])
+    combos = itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for combo in combos:
+            try:
+                compose(config_name=command, overrides=list(combo))
+            except (HydraException, OmegaConfBaseException) as err:
+                return _explain(command, combo, err)
+    return None
+
+
+def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
+    first = str(err).strip().splitlines()[0]
+    if first.startswith("Could not override"):
+        key = first.split("'")[1]
+        known = ", ".join(k for k in compose(config_name=command) if k != "hydra")
+        return f"unknown config key '{key}' for `lbridge {command}` (accepted: {known}; '+{key}=...' adds one)"
+    return first
+
+
+def _run_command(command: str, cfg: DictConfig) -> None:
+    module = importlib.import_module(f"lbridge.commands.{command}")
+    try:
+        module.run(cfg)
+    except LbridgeError as err:
+        # SystemExit is not an Exception, so Hydra passes it through without a traceback.
+        sys.exit(fail(str(err)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return fail(f"unknown command '{command}' (accepted: {', '.join(COMMANDS)})")
+    overrides = [a for a in rest if not a.startswith("-")]
+    if (error := check_overrides(command, overrides)) is not None:
+        return fail(error)
+    sys.argv = [f"lbridge {command}", *rest]
+    hydra.main(config_path=str(CONF_DIR), config_name=command, version_base=None)(
+        partial(_run_command, command)
+    )()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

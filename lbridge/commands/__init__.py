@@ -1,0 +1,1 @@
+"""One module per CLI command, each with `run(cfg)`; the command's config is conf/<command>.yaml."""

@@ -1,0 +1,36 @@
+"""`lbridge report`: every evaluated run of a model in one table (pandas -> csv and markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from lbridge.errors import LbridgeError
+
+COLUMNS = ["method", "ratio_target", "flops_speedup", "latency_speedup"]
+
+
+def gather(root: Path, model: str) -> pd.DataFrame:
+    rows = []
+    for path in sorted((root / "sample" / model).glob("*/metrics.json")):
+        rows.append({**json.loads(path.read_text()), "run": path.parent.name})
+    if not rows:
+        raise LbridgeError(f"no evaluated runs under {root / 'sample' / model}: run `lbridge eval` first")
+    table = pd.DataFrame(rows)
+    metrics = [c for c in table.columns if c not in {*COLUMNS, "model", "schedule", "run", "num_samples"}]
+    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]].sort_values(["method", "ratio_target"])
+
+
+def run(cfg: DictConfig) -> Path:
+    table = gather(Path(cfg.output_root), cfg.model.name)
+    out = Path(cfg.out) if cfg.out else Path(cfg.output_root) / "report" / cfg.model.name
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False, float_format="%.4f")
+    markdown = table.to_markdown(index=False, floatfmt=".3f")
+    (out / "table.md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"\nwritten: {out / 'table.csv'}, {out / 'table.md'}")
+    return out

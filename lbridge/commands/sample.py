@@ -1,0 +1,98 @@
+"""`lbridge sample`: images for a prompt set with a method, beside the same-seed full-compute reference."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from lbridge.api import Accelerator
+from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
+from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
+from lbridge.models.base import ModelAdapter
+from lbridge.prompts import Prompt, load_prompts
+from lbridge.runs import open_run, reference_method, sample_dir, sample_key
+
+SAMPLES = "samples.jsonl"
+
+
+def finished(run: Path) -> dict[int, dict]:
+    """Samples already written (their record and their image both present)."""
+    return {r["index"]: r for r in read_jsonl(run / SAMPLES) if (run / r["file"]).exists()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_run(acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int) -> list[dict]:
+    """Generate the prompts not yet in `run`, one image each, timing every generation."""
+    done = finished(run)
+    todo = [p for p in prompts if p.index not in done]
+    label = acc.method.describe()["name"]
+    for _ in range(warmup if todo else 0):
+        acc.reset()
+        adapter.generate(acc.pipe, todo[0].text, todo[0].seed)
+    for prompt in tqdm(todo, desc=f"sample {label}", unit="img", disable=not todo):
+        acc.reset()
+        _sync(adapter.device)
+        start = time.perf_counter()
+        image = adapter.generate(acc.pipe, prompt.text, prompt.seed)
+        _sync(adapter.device)
+        latency = time.perf_counter() - start
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        file = f"{prompt.index:05d}.png"
+        atomic_write_bytes(run / file, buffer.getvalue())
+        record = {
+            "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, "file": file,
+            "latency_s": latency, "flops": acc.sample_flops(), "schedule": str(acc.schedule),
+            "device": str(adapter.device),
+        }  # fmt: skip
+        append_jsonl(run / SAMPLES, record)
+        done[prompt.index] = record
+    return [done[p.index] for p in prompts]
+
+
+def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
+    flops = mean(r["flops"] for r in reference) / mean(r["flops"] for r in records)
+    latency = mean(r["latency_s"] for r in reference) / mean(r["latency_s"] for r in records)
+    return flops, latency
+
+
+def run(cfg: DictConfig) -> Path:
+    target_ratio(cfg)
+    adapter = build_adapter(cfg)
+    method = build_method(cfg.method)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
+    pipe = adapter.load_pipeline()
+    acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
+
+    reference = generate_reference(cfg, adapter, pipe, prompts)
+    run_dir = open_run(sample_dir(cfg), sample_key(cfg))
+    records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
+    acc.remove()
+
+    flops_x, latency_x = speedups(records, reference)
+    print(f"{run_dir}: {len(records)} images, schedule {acc.schedule} "
+          f"({acc.schedule.num_full}/{len(acc.schedule)} FULL, cached step = "
+          f"{acc.cost.cached_fraction:.1%} of a full step's FLOPs)")  # fmt: skip
+    print(f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio if method.accelerates else 1:g}x)  "
+          f"latency speedup {latency_x:.2f}x  vs method=none, same {len(prompts)} seeds")  # fmt: skip
+    return run_dir
+
+
+def generate_reference(cfg: DictConfig, adapter: ModelAdapter, pipe, prompts: list[Prompt]) -> list[dict]:
+    """The full-compute run with the same prompts and seeds (reused when already complete)."""
+    none_cfg = reference_method(cfg)
+    ref = plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text)
+    ref_dir = open_run(sample_dir(cfg, none_cfg), sample_key(cfg, none_cfg))
+    records = generate_run(ref.attach(), adapter, prompts, ref_dir, int(cfg.timing.warmup_runs))
+    ref.remove()
+    return records

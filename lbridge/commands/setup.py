@@ -1,0 +1,57 @@
+"""Turning a composed config into the objects a command works with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lbridge.api import Accelerator
+from lbridge.errors import LbridgeError
+from lbridge.methods.base import CacheMethod
+from lbridge.models.base import ModelAdapter
+
+
+def build(node: DictConfig, group: str) -> Any:
+    """hydra.utils.instantiate, with the constructor's own error surfaced as a one-line LbridgeError."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, LbridgeError):
+            raise cause from None
+        detail = str(cause or err).strip().splitlines()[0]
+        raise LbridgeError(f"bad {group} config '{node.get('name')}': {detail}") from None
+
+
+def build_adapter(cfg: DictConfig) -> ModelAdapter:
+    return build(cfg.model, "model")
+
+
+def build_method(method_cfg: DictConfig) -> CacheMethod:
+    return build(method_cfg, "method")
+
+
+def target_ratio(cfg: DictConfig) -> float:
+    try:
+        ratio = float(cfg.ratio)
+    except (TypeError, ValueError):
+        raise LbridgeError(f"ratio={cfg.ratio} is not a number (accepted: a number >= 1)") from None
+    if ratio < 1:
+        raise LbridgeError(f"ratio={ratio:g} must be >= 1 (1 = full compute)")
+    return ratio
+
+
+def plan(pipe: Any, adapter: ModelAdapter, method: CacheMethod, cfg: DictConfig, prompt: str) -> Accelerator:
+    """Measure costs and solve the schedule (raises before anything is written); left detached."""
+    accelerator = Accelerator(pipe, method, adapter)
+    accelerator.plan(
+        target_ratio(cfg),
+        {"prompt": prompt, **adapter.pipeline_kwargs()},
+        warmup=int(cfg.schedule.warmup),
+        spacing=str(cfg.schedule.spacing),
+        interval=cfg.schedule.interval,
+    )
+    return accelerator

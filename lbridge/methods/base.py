@@ -1,0 +1,71 @@
+"""The one interface every method implements, and loading a method from its config."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lbridge.conf_paths import CONF_DIR, group_options
+from lbridge.errors import LbridgeError
+from lbridge.runtime.hooks import ModelHook, register, remove_all
+
+if TYPE_CHECKING:
+    from lbridge.models.base import ModelAdapter
+    from lbridge.runtime.context import CacheRuntime
+
+
+class CacheMethod(ABC):
+    """What a CACHED step computes, expressed as hooks on the transformer and its blocks.
+
+    Subclasses set `name` and implement `install`; `attach`/`detach` manage hook names so several
+    methods never collide and removal is exact.
+    """
+
+    name: ClassVar[str]
+    #: False for the full-compute reference: it never has CACHED steps, whatever the ratio.
+    accelerates: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._hooks: list[tuple[str, ModelHook]] = []
+
+    @abstractmethod
+    def install(self, transformer: torch.nn.Module, adapter: ModelAdapter, runtime: CacheRuntime) -> None:
+        """Register this method's hooks with `self.add_hook`."""
+
+    def add_hook(self, module: torch.nn.Module, hook: ModelHook, role: str) -> ModelHook:
+        name = f"lbridge.{self.name}.{role}"
+        register(module, hook, name)
+        self._hooks.append((name, hook))
+        return hook
+
+    def attach(self, transformer: torch.nn.Module, adapter: ModelAdapter, runtime: CacheRuntime) -> None:
+        self.install(transformer, adapter, runtime)
+
+    def detach(self, transformer: torch.nn.Module) -> None:
+        remove_all(transformer, sorted({name for name, _ in self._hooks}))
+        self._hooks.clear()
+
+    def reset(self) -> None:
+        """Forget cached features (between samples); FULL steps refill them."""
+        for _, hook in self._hooks:
+            if hasattr(hook, "reset"):
+                hook.reset()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def available_methods() -> list[str]:
+    return group_options("method")
+
+
+def load_method(name: str, **params: Any) -> CacheMethod:
+    """Instantiate `conf/method/<name>.yaml` (its `_target_`), with `params` overriding its values."""
+    if name not in available_methods():
+        raise LbridgeError(f"unknown method '{name}' (accepted: {', '.join(available_methods())})")
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"), params)
+    return instantiate(cfg, _convert_="all")

@@ -1,0 +1,1 @@
+"""Metrics: against the same-seed full-compute reference, and against the prompts."""

@@ -1,0 +1,128 @@
+"""What lbridge needs to know about a model family: how to load it, call it, and where its blocks are."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from lbridge.conf_paths import CONF_DIR, group_options
+from lbridge.errors import LbridgeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses name their transformer class and override what differs.
+
+    Constructor arguments are the keys of `conf/model/<name>.yaml`.
+    """
+
+    transformer_class: ClassVar[type | None] = None
+
+    def __init__(
+        self,
+        name: str,
+        path: str | None = None,
+        hub_id: str | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        call_kwargs: dict[str, Any] | None = None,
+        metrics: list[str] | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise LbridgeError(f"unknown model.dtype '{dtype}' (accepted: {', '.join(DTYPES)})")
+        self.name, self.path, self.hub_id = name, path, hub_id
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)  # fmt: skip
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.height, self.width = height, width
+        self.call_kwargs = dict(call_kwargs or {})
+        self.metrics = list(metrics or ["psnr", "ssim"])  # what `lbridge eval` computes for this model
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_pipeline(self) -> DiffusionPipeline:
+        raise NotImplementedError
+
+    def from_pretrained(self, pipeline_class: type[DiffusionPipeline], **kwargs: Any) -> DiffusionPipeline:
+        """Load from `model.path` if set, else from the hub id; one clear line when unavailable."""
+        source = self.path or self.hub_id
+        if self.path is not None and not Path(self.path).exists():
+            raise LbridgeError(f"model.path={self.path} does not exist: point model.path at the {self.name} weights")
+        try:
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=self.dtype, **kwargs)
+        except (OSError, ValueError) as err:  # hub errors subclass OSError
+            raise LbridgeError(
+                f"cannot load {self.name} weights from '{source}' (offline or not downloaded: "
+                f"{type(err).__name__}); download them and set model.path=/local/dir"
+            ) from None
+        return pipe.to(self.device)
+
+    # -- calling -----------------------------------------------------------------------------
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        kwargs = {"num_inference_steps": self.num_inference_steps, **self.call_kwargs}
+        if self.height is not None:
+            kwargs.update(height=self.height, width=self.width)
+        return kwargs
+
+    def generator(self, seed: int) -> torch.Generator:
+        # CPU generators make the initial noise identical across devices for the same seed.
+        return torch.Generator("cpu").manual_seed(seed)
+
+    def generate(self, pipe: DiffusionPipeline, prompt: str, seed: int) -> Image.Image:
+        return pipe(prompt, generator=self.generator(seed), **self.pipeline_kwargs()).images[0]
+
+    # -- structure ---------------------------------------------------------------------------
+    @staticmethod
+    def transformer(pipe: DiffusionPipeline) -> torch.nn.Module:
+        return pipe.transformer
+
+    def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """All transformer blocks in execution order; the last one is the 'final block'."""
+        raise NotImplementedError
+
+    def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        """The attention and MLP submodules of a block whose outputs FORA reuses."""
+        raise NotImplementedError
+
+
+def _import_all_adapters() -> None:
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"lbridge.models.{info.name}")
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))]
+
+
+def adapter_for(transformer: torch.nn.Module) -> type[ModelAdapter]:
+    """The adapter class for a transformer instance (the most general one registered for its class)."""
+    _import_all_adapters()
+    for cls in _all_subclasses(ModelAdapter):
+        if cls.transformer_class is not None and isinstance(transformer, cls.transformer_class):
+            return cls
+    raise LbridgeError(f"no lbridge adapter for {type(transformer).__name__} (models: {', '.join(available_models())})")
+
+
+def available_models() -> list[str]:
+    return group_options("model")
+
+
+def load_adapter(name: str, **overrides: Any) -> ModelAdapter:
+    """Instantiate `conf/model/<name>.yaml`, with `overrides` replacing its values."""
+    if name not in available_models():
+        raise LbridgeError(f"unknown model '{name}' (accepted: {', '.join(available_models())})")
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), overrides)
+    return instantiate(cfg, _convert_="all")

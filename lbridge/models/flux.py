@@ -1,0 +1,93 @@
+"""FLUX.1 (FluxTransformer2DModel): 19 double-stream blocks, then 38 single-stream blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+from lbridge.models.base import ModelAdapter
+
+
+class FluxAdapter(ModelAdapter):
+    transformer_class = FluxTransformer2DModel
+
+    def __init__(self, random_weights: bool = False, max_sequence_length: int = 512, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.random_weights = random_weights
+        self.max_sequence_length = max_sequence_length
+
+    def load_pipeline(self) -> FluxPipeline:
+        if self.random_weights:
+            return tiny_random_flux_pipeline().to(self.device, self.dtype)
+        return self.from_pretrained(FluxPipeline)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+            **super().pipeline_kwargs(),
+        }
+
+    def blocks(self, transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        if isinstance(block, FluxSingleTransformerBlock):
+            return [block.attn, block.proj_mlp]
+        return [block.attn, block.ff, block.ff_context]
+
+
+def _word_tokenizer(max_length: int):
+    """An offline word-level tokenizer with the call interface FluxPipeline uses (no hub files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<pad> <unk> a an the of and with in on red blue green cat dog car photo".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A FluxPipeline of tiny random components, built offline: same classes and code path as FLUX."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, decoder_start_token_id=0,
+    ))  # fmt: skip
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    for module in (transformer, clip, t5, vae):
+        module.eval()  # freshly built modules are in training mode: T5's dropout would randomise prompts
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=_word_tokenizer(77),
+        text_encoder_2=t5,
+        tokenizer_2=_word_tokenizer(16),
+        transformer=transformer,
+    )

@@ -1,0 +1,52 @@
+"""Readers for prompt sets. Seeds are `seed + index`, the protocol of the caching papers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lbridge.errors import LbridgeError
+from lbridge.tiny.data import class_prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    text: str
+    seed: int
+
+
+class DigitPrompts:
+    """Class prompts for the tiny model, cycling through the digits: 'a handwritten digit 0', ..."""
+
+    def __init__(self, name: str = "digits", offset: int = 0) -> None:
+        self.offset = offset
+
+    def texts(self, count: int) -> list[str]:
+        return [class_prompt((self.offset + i) % 10) for i in range(count)]
+
+
+class TextFilePrompts:
+    """One prompt per line (DrawBench, PartiPrompts, ...), blank lines skipped."""
+
+    def __init__(self, path: str, name: str = "file") -> None:
+        self.path, self.name = Path(path), name
+
+    def texts(self, count: int) -> list[str]:
+        if not self.path.is_file():
+            raise LbridgeError(f"prompts.path={self.path} is not a file: point prompts.path at the {self.name} list")
+        lines = [line.strip() for line in self.path.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise LbridgeError(f"prompts.path={self.path} holds no prompts")
+        return lines[:count]
+
+
+def load_prompts(cfg: DictConfig, num_prompts: int, seed: int) -> list[Prompt]:
+    if int(num_prompts) < 1:
+        raise LbridgeError(f"num_prompts={num_prompts} must be >= 1")
+    texts = instantiate(cfg).texts(int(num_prompts))
+    return [Prompt(i, text, int(seed) + i) for i, text in enumerate(texts)]

@@ -1,0 +1,63 @@
+"""Run directories keyed by the resolved config: reruns resume, different configs never mix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lbridge.errors import LbridgeError
+from lbridge.io import write_json
+
+MANIFEST = "run.json"
+
+
+def sample_key(cfg: DictConfig, method: DictConfig | None = None) -> dict[str, Any]:
+    """The part of the config that determines a sampling run's images (and nothing else)."""
+    method = cfg.method if method is None else method
+    key = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+        "num_prompts": cfg.num_prompts,
+        "seed": cfg.seed,
+        "method": OmegaConf.to_container(method, resolve=True),
+    }
+    key["model"].pop("device", None)  # where it runs does not change what a run means
+    if method.name != "none":  # the reference has no ratio or schedule: one reference for all
+        key["ratio"] = float(cfg.ratio)
+        key["schedule"] = OmegaConf.to_container(cfg.schedule, resolve=True)
+    return key
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def sample_dir(cfg: DictConfig, method: DictConfig | None = None) -> Path:
+    key = sample_key(cfg, method)
+    name = key["method"]["name"]
+    label = name if name == "none" else f"{name}-r{key['ratio']:g}"
+    return Path(cfg.output_root) / "sample" / key["model"]["name"] / f"{label}-{key_hash(key)}"
+
+
+def reference_method(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.load(Path(__file__).parent / "conf" / "method" / "none.yaml")
+
+
+def open_run(path: Path, key: dict[str, Any]) -> Path:
+    """Create or reopen a run directory; refuse one whose manifest holds a different config."""
+    manifest = path / MANIFEST
+    if manifest.exists():
+        stored = json.loads(manifest.read_text())
+        if stored.get("hash") != key_hash(key):
+            raise LbridgeError(f"{path} holds a run of another config (hash {stored.get('hash')}); not mixing")
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LbridgeError(f"cannot create output directory {path}: {err.strerror}") from None
+    write_json(manifest, {"hash": key_hash(key), "key": key})
+    return path

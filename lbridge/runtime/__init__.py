@@ -1,0 +1,1 @@
+"""The caching runtime: step context, FULL/CACHED schedule, FLOPs cost model, hooks."""

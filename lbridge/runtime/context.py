@@ -1,0 +1,95 @@
+"""Where the denoising loop is, for every transformer call, as lbridge itself determines it.
+
+We reuse diffusers' `CacheContext` record (branch name, step index, number of steps, timestep,
+sigma). Pipelines only fill in the branch name (`transformer.cache_context("cond")`); lbridge fills
+in the rest from a *clock* -- by default the pipeline's scheduler -- instead of counting calls, so
+CFG branches, extra calls or an interrupted sample cannot shift the step index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks.hooks import CacheContext
+
+from lbridge.errors import LbridgeError
+from lbridge.runtime.schedule import Schedule
+
+DEFAULT_BRANCH = "default"
+
+__all__ = ["CacheContext", "CacheRuntime", "ManualClock", "SchedulerClock"]
+
+
+class SchedulerClock:
+    """Reads the step from a diffusers scheduler, which the pipeline advances after every step."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def context(self, branch: str) -> CacheContext:
+        timesteps = self.scheduler.timesteps
+        if timesteps is None or len(timesteps) == 0:
+            raise LbridgeError("the scheduler has no timesteps yet: call lbridge hooks from inside a pipeline")
+        # `step_index` is None until the first `scheduler.step()`; the pipelines set begin_index=0.
+        step = self.scheduler.step_index
+        if step is None:
+            step = self.scheduler.begin_index or 0
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        sigma = float(sigmas[step]) if sigmas is not None else None
+        return CacheContext(branch, step, len(timesteps), timesteps[step], sigma)
+
+
+class ManualClock:
+    """A clock set by hand: cost measurement and tests drive single transformer calls with it."""
+
+    def __init__(self, num_steps: int, step: int = 0) -> None:
+        self.num_steps, self.step = num_steps, step
+
+    def context(self, branch: str) -> CacheContext:
+        return CacheContext(branch, self.step, self.num_steps, None, None)
+
+
+@dataclass
+class CacheRuntime:
+    """State shared by lbridge's hooks on one transformer: the clock, the schedule, the context."""
+
+    clock: SchedulerClock | ManualClock
+    schedule: Schedule
+    context: CacheContext | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+    full_calls: int = 0
+    cached_calls: int = 0
+
+    def enter_call(self, branch: str | None) -> CacheContext:
+        context = self.clock.context(branch or DEFAULT_BRANCH)
+        if context.num_inference_steps != len(self.schedule):
+            raise LbridgeError(
+                f"the pipeline runs {context.num_inference_steps} steps but the lbridge schedule has "
+                f"{len(self.schedule)}: pass the same num_inference_steps to lbridge.accelerate"
+            )
+        self.context = context
+        self.calls[context.name] = self.calls.get(context.name, 0) + 1
+        if self.is_full:
+            self.full_calls += 1
+        else:
+            self.cached_calls += 1
+        return context
+
+    @property
+    def is_full(self) -> bool:
+        return self.context is None or self.schedule.is_full(self.context.step_index)
+
+    @property
+    def branch(self) -> str:
+        return self.context.name if self.context is not None else DEFAULT_BRANCH
+
+    @property
+    def step(self) -> int:
+        return self.context.step_index if self.context is not None else 0
+
+
+def as_float(value: float | torch.Tensor | None) -> float | None:
+    if value is None:
+        return None
+    return float(value.flatten()[0]) if isinstance(value, torch.Tensor) else float(value)

@@ -1,0 +1,120 @@
+"""The diffusers `ModelHook`s lbridge registers (under names starting with `lbridge.`).
+
+They wrap module forwards inside an unmodified diffusers pipeline. At a FULL step every hook calls
+the original forward unchanged, which is why an all-FULL schedule is bit-identical to the plain
+pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from lbridge.runtime.context import CacheRuntime
+
+PREFIX = "lbridge."
+CONTEXT_HOOK = PREFIX + "context"
+
+
+class _BranchOnly(BaseState):
+    def reset(self) -> None:
+        pass
+
+
+class StepContextHook(ModelHook):
+    """On the transformer, outermost: fixes the `CacheContext` of each call before any block runs.
+
+    It is 'stateful' only so that the pipeline's `transformer.cache_context(name)` reaches its
+    StateManager; that is how the CFG branch name arrives. The step comes from the runtime's clock.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.branch_state = StateManager(_BranchOnly)
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        pipeline_context = self.branch_state._context
+        self.runtime.enter_call(pipeline_context.name if pipeline_context is not None else None)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+
+class ReuseOutputHook(ModelHook):
+    """FULL step: run and remember the output (per CFG branch). CACHED step: return it unrun."""
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.outputs: dict[str, Any] = {}
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        branch = self.runtime.branch
+        if self.runtime.is_full:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.outputs[branch] = output
+            return output
+        if branch not in self.outputs:
+            raise RuntimeError(f"CACHED step {self.runtime.step} on branch '{branch}' before any FULL step")
+        return self.outputs[branch]
+
+    def reset(self) -> None:
+        self.outputs.clear()
+
+
+class SkipBlockHook(ModelHook):
+    """CACHED step: the block is an identity (its inputs are passed on in its output format).
+
+    The output layout comes from diffusers' own `TransformerBlockRegistry`, the table its
+    FirstBlockCache uses, so any block class diffusers knows is supported without lbridge code.
+    """
+
+    def __init__(self, runtime: CacheRuntime, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.metadata = TransformerBlockRegistry.get(block.__class__)
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.runtime.is_full:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        meta = self.metadata
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden
+        encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+        output = [None, None]
+        output[meta.return_hidden_states_index] = hidden
+        output[meta.return_encoder_hidden_states_index] = encoder
+        return tuple(output)
+
+
+class CallCounterHook(ModelHook):
+    """Counts forward calls of a module (tests and diagnostics: how many blocks really ran)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.count += 1
+        return args, kwargs
+
+
+def register(module: torch.nn.Module, hook: ModelHook, name: str) -> ModelHook:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    return hook
+
+
+def remove_all(module: torch.nn.Module, names: list[str]) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in names:
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()

@@ -1,0 +1,90 @@
+"""The command line as a user meets it: one-line errors, nothing written on bad input, resumable runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lbridge.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: flux, tiny)"),
+        (["sample", "method=magic"], "unknown method 'magic' (accepted: fora, none)"),
+        (["sample", "-m", "method=fora,magic"], "unknown method 'magic'"),
+        (["sample", "ratio=50"], "ratio=50 is above the maximum reachable"),
+        (["sample", "ratio=fast"], "ratio=fast is not a number"),
+        (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report)"),
+        (["eval", "method=fora", "ratio=3"], "run `lbridge sample` first"),
+        (["calibrate", "method=fora"], "training-free"),
+        (["sample", "model=flux", "model.device=cpu"], "set model.path"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    result = lbridge(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_commands(tmp_path):
+    result = lbridge("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("collect", "calibrate", "sample", "eval", "report"):
+        assert command in result.stdout
+
+
+def run_dirs(root: Path) -> dict[str, Path]:
+    return {p.name.split("-")[0] + ("" if p.name.startswith("none") else "-" + p.name.split("-")[1]): p
+            for p in (root / "outputs" / "sample" / "tiny").iterdir()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sample_eval_report_end_to_end_and_resume(tmp_path):
+    result = lbridge("sample", "-m", "method=none,fora", "ratio=3", "num_prompts=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "FLOPs speedup" in result.stdout and "latency speedup" in result.stdout
+    dirs = run_dirs(tmp_path)
+    assert set(dirs) == {"none", "fora-r3"}
+    records = [json.loads(line) for line in (dirs["fora-r3"] / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert {"prompt", "seed", "file", "latency_s", "flops", "schedule"} <= set(records[0])
+    assert all((dirs["fora-r3"] / r["file"]).exists() for r in records)
+
+    # Same config again: nothing is regenerated, the images keep their bytes.
+    before = {p.name: p.read_bytes() for p in dirs["fora-r3"].glob("*.png")}
+    lines_before = (dirs["fora-r3"] / "samples.jsonl").read_text()
+    assert lbridge("sample", "ratio=3", "num_prompts=4", cwd=tmp_path).returncode == 0
+    assert (dirs["fora-r3"] / "samples.jsonl").read_text() == lines_before
+    assert {p.name: p.read_bytes() for p in dirs["fora-r3"].glob("*.png")} == before
+
+    assert lbridge("eval", "ratio=3", "num_prompts=4", cwd=tmp_path).returncode == 0
+    metrics = json.loads((dirs["fora-r3"] / "metrics.json").read_text())
+    assert metrics["flops_speedup"] >= 3.0 and 0 < metrics["ssim"] < 1 and 0 <= metrics["digit_accuracy"] <= 1
+    report = lbridge("report", cwd=tmp_path)
+    assert report.returncode == 0 and "| fora" in report.stdout
+
+
+@pytest.mark.slow
+def test_same_seed_twice_gives_identical_png_bytes(tmp_path):
+    for out in ("a", "b"):
+        result = lbridge("sample", "method=fora", "ratio=2", "num_prompts=2", f"output_root={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    a = sorted((tmp_path / "a").rglob("*.png"))
+    b = sorted((tmp_path / "b").rglob("*.png"))
+    assert len(a) == 4 and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]

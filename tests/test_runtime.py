@@ -1,0 +1,114 @@
+"""Hooks inside unmodified diffusers pipelines: bit-identity when all FULL, fewer block calls when cached."""
+
+import numpy as np
+import pytest
+import torch
+
+import lbridge
+import lbridge.errors
+from lbridge.runtime.hooks import CallCounterHook, register, remove_all
+
+
+def generate(adapter, pipe, prompt="a handwritten digit 3", seed=0) -> np.ndarray:
+    kwargs = {**adapter.pipeline_kwargs(), "output_type": "np"}
+    return np.asarray(pipe(prompt, generator=adapter.generator(seed), **kwargs).images)
+
+
+def accelerate(adapter, pipe, method, ratio, **params):
+    return lbridge.accelerate(
+        pipe, method, ratio, adapter=adapter, prompt="a cat", method_params=params, **adapter.pipeline_kwargs()
+    )
+
+
+@pytest.mark.parametrize("model", ["tiny", "random_flux"])
+@pytest.mark.parametrize("method,params", [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"})])
+def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(model, method, params, request):
+    adapter, pipe = request.getfixturevalue(model)
+    plain = generate(adapter, pipe)
+    acc = accelerate(adapter, pipe, method, 1.0, **params)
+    try:
+        assert str(acc.schedule) == "F" * len(acc.schedule)
+        hooked = generate(adapter, pipe)
+    finally:
+        acc.remove()
+    assert np.array_equal(plain, hooked)
+    assert np.array_equal(generate(adapter, pipe), plain)  # removal restores the pipeline exactly
+
+
+def count_block_calls(adapter, pipe) -> tuple[list[CallCounterHook], int]:
+    blocks = adapter.blocks(pipe.transformer)
+    counters = [register(b, CallCounterHook(), "test.count") for b in blocks]
+    generate(adapter, pipe)
+    remove_all(pipe.transformer, ["test.count"])
+    return counters, sum(c.count for c in counters)
+
+
+def test_fora_at_ratio_3_runs_fewer_blocks_and_reaches_the_flops_ratio(tiny):
+    adapter, pipe = tiny
+    _, none_calls = count_block_calls(adapter, pipe)
+    acc = accelerate(adapter, pipe, "fora", 3.0)
+    try:
+        counters, fora_calls = count_block_calls(adapter, pipe)
+        assert acc.flops_ratio >= 3.0
+        acc.reset()
+        generate(adapter, pipe)
+        assert acc.sample_flops() * 3.0 <= 2 * len(acc.schedule) * acc.cost.full  # 2 CFG calls per step
+    finally:
+        acc.remove()
+    steps, blocks = len(acc.schedule), len(adapter.blocks(pipe.transformer))
+    assert none_calls == 2 * steps * blocks  # cond + uncond at every step
+    # Hooks wrap the block, so a skipped block still enters its hook: count the ones really run.
+    assert fora_calls < none_calls
+
+
+def test_fora_attn_mlp_reuses_attention_at_cached_steps(tiny):
+    adapter, pipe = tiny
+    attn = adapter.blocks(pipe.transformer)[0].attn
+    processor_calls = []
+    original = attn.processor.__call__
+
+    class Counting(type(attn.processor)):
+        def __call__(self, *args, **kwargs):
+            processor_calls.append(1)
+            return original(*args, **kwargs)
+
+    attn.set_processor(Counting())
+    try:
+        acc = accelerate(adapter, pipe, "fora", 1.5, site="attn_mlp")
+        processor_calls.clear()
+        generate(adapter, pipe)
+        acc.remove()
+    finally:
+        attn.set_processor(type(attn.processor).__mro__[1]())
+    assert len(processor_calls) == 2 * acc.schedule.num_full
+
+
+def test_context_follows_the_scheduler_and_cfg_branches(tiny):
+    adapter, pipe = tiny
+    acc = accelerate(adapter, pipe, "fora", 2.0)
+    seen = []
+    original = acc.runtime.enter_call
+
+    def spy(branch):
+        context = original(branch)
+        seen.append((context.name, context.step_index, acc.runtime.is_full))
+        return context
+
+    acc.runtime.enter_call = spy
+    try:
+        generate(adapter, pipe)
+    finally:
+        acc.remove()
+    steps = len(acc.schedule)
+    assert [s for s in seen if s[0] == "cond"] == [("cond", i, acc.schedule.full[i]) for i in range(steps)]
+    assert [s[1] for s in seen if s[0] == "uncond"] == list(range(steps))
+
+
+def test_wrong_step_count_is_refused(tiny):
+    adapter, pipe = tiny
+    acc = accelerate(adapter, pipe, "fora", 2.0)
+    try:
+        with pytest.raises(lbridge.errors.LbridgeError, match="runs 7 steps"):
+            pipe("a handwritten digit 1", num_inference_steps=7, generator=torch.Generator().manual_seed(0))
+    finally:
+        acc.remove()
