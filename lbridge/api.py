@@ -49,7 +49,9 @@ class _CaptureHook(ModelHook):
         raise _Captured(CapturedCall(args, kwargs, len(self.scheduler.timesteps)))
 
 
-def capture_transformer_call(pipe: DiffusionPipeline, transformer: torch.nn.Module, **call: Any) -> CapturedCall:
+def capture_transformer_call(
+    pipe: DiffusionPipeline, transformer: torch.nn.Module, **call: Any
+) -> CapturedCall:
     """Run `pipe(**call)` only up to its first transformer call and return that call's inputs."""
     name = "lbridge.capture"
     register(transformer, _CaptureHook(pipe.scheduler), name)

@@ -31,13 +31,16 @@ COMMANDS = {
 GROUPS = ("model", "method", "prompts")
 MAX_CHECKED_COMBINATIONS = 64
 
-USAGE = "usage: lbridge <command> [-m] [key=value ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {text}" for name, text in COMMANDS.items()
-) + (
-    "\n\nconfig groups: " + "; ".join(f"{g}=" + "|".join(group_options(g)) for g in GROUPS)
-    + "\nexamples:\n  lbridge sample model=tiny method=fora ratio=3\n"
-    "  lbridge sample -m model=tiny method=none,fora ratio=2,3\n"
-    "  lbridge sample --cfg job        # print the composed config"
+USAGE = (
+    "usage: lbridge <command> [-m] [key=value ...]\n\ncommands:\n"
+    + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+    + (
+        "\n\nconfig groups: "
+        + "; ".join(f"{g}=" + "|".join(group_options(g)) for g in GROUPS)
+        + "\nexamples:\n  lbridge sample model=tiny method=fora ratio=3\n"
+        "  lbridge sample -m model=tiny method=none,fora ratio=2,3\n"
+        "  lbridge sample --cfg job        # print the composed config"
+    )
 )
 
 
@@ -84,7 +87,9 @@ def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
     if first.startswith("Could not override"):
         key = first.split("'")[1]
         known = ", ".join(k for k in compose(config_name=command) if k != "hydra")
-        return f"unknown config key '{key}' for `lbridge {command}` (accepted: {known}; '+{key}=...' adds one)"
+        return (
+            f"unknown config key '{key}' for `lbridge {command}` (accepted: {known}; '+{key}=...' adds one)"
+        )
     return first
 
 

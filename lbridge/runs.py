@@ -53,7 +53,9 @@ def open_run(path: Path, key: dict[str, Any]) -> Path:
     if manifest.exists():
         stored = json.loads(manifest.read_text())
         if stored.get("hash") != key_hash(key):
-            raise LbridgeError(f"{path} holds a run of another config (hash {stored.get('hash')}); not mixing")
+            raise LbridgeError(
+                f"{path} holds a run of another config (hash {stored.get('hash')}); not mixing"
+            )
         return path
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lbridge.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "lbridge.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -83,7 +88,9 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
 @pytest.mark.slow
 def test_same_seed_twice_gives_identical_png_bytes(tmp_path):
     for out in ("a", "b"):
-        result = lbridge("sample", "method=fora", "ratio=2", "num_prompts=2", f"output_root={out}", cwd=tmp_path)
+        result = lbridge(
+            "sample", "method=fora", "ratio=2", "num_prompts=2", f"output_root={out}", cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
     a = sorted((tmp_path / "a").rglob("*.png"))
     b = sorted((tmp_path / "b").rglob("*.png"))

@@ -18,7 +18,9 @@ def flux_hand_count(cfg, n_img: int, n_txt: int) -> int:
     d = cfg.num_attention_heads * cfg.attention_head_dim
     n = n_img + n_txt
     embed = 2 * n_img * cfg.in_channels * d + 2 * n_txt * cfg.joint_attention_dim * d
-    time_text = 2 * (256 * d + d * d) * (2 if cfg.guidance_embeds else 1) + 2 * (cfg.pooled_projection_dim * d + d * d)
+    time_text = 2 * (256 * d + d * d) * (2 if cfg.guidance_embeds else 1) + 2 * (
+        cfg.pooled_projection_dim * d + d * d
+    )
     double = 24 * d * d + 24 * n * d * d + 4 * n * n * d  # 2 AdaLN-Zero, qkv/out on both streams, 2 FFN
     single = 6 * d * d + 24 * n * d * d + 4 * n * n * d  # AdaLN, qkv, proj_mlp, proj_out (5d -> d)
     head = 4 * d * d + 2 * n_img * d * cfg.in_channels

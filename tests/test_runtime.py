@@ -16,12 +16,20 @@ def generate(adapter, pipe, prompt="a handwritten digit 3", seed=0) -> np.ndarra
 
 def accelerate(adapter, pipe, method, ratio, **params):
     return lbridge.accelerate(
-        pipe, method, ratio, adapter=adapter, prompt="a cat", method_params=params, **adapter.pipeline_kwargs()
+        pipe,
+        method,
+        ratio,
+        adapter=adapter,
+        prompt="a cat",
+        method_params=params,
+        **adapter.pipeline_kwargs(),
     )
 
 
 @pytest.mark.parametrize("model", ["tiny", "random_flux"])
-@pytest.mark.parametrize("method,params", [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"})])
+@pytest.mark.parametrize(
+    "method,params", [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"})]
+)
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(model, method, params, request):
     adapter, pipe = request.getfixturevalue(model)
     plain = generate(adapter, pipe)

@@ -38,7 +38,10 @@ class RecordFinalBlockHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         meta = self.metadata
-        self._keep("input.hidden", meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs))
+        self._keep(
+            "input.hidden",
+            meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs),
+        )
         output = self.fn_ref.original_forward(*args, **kwargs)
         if meta.return_encoder_hidden_states_index is None:
             self._keep("output.hidden", output)

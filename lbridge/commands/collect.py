@@ -57,11 +57,14 @@ def run(cfg: DictConfig) -> Path:
             with torch.no_grad():
                 adapter.generate(pipe, prompt.text, prompt.seed)
             shard = save_shard(root, prompt.index, recorder.tensors)
-            manifest["shards"][str(prompt.index)] = {"file": shard, "prompt": prompt.text, "seed": prompt.seed}
+            manifest["shards"][str(prompt.index)] = {
+                "file": shard,
+                "prompt": prompt.text,
+                "seed": prompt.seed,
+            }
             write_manifest(root, manifest)
     finally:
         remove_all(transformer, ["lbridge.collect"])
         acc.remove()
     print(f"{root}: {len(manifest['shards'])} trajectories of {manifest['steps']} steps ({cfg.dtype})")
     return root
-

@@ -21,7 +21,9 @@ def gather(root: Path, model: str) -> pd.DataFrame:
         raise LbridgeError(f"no evaluated runs under {root / 'sample' / model}: run `lbridge eval` first")
     table = pd.DataFrame(rows)
     metrics = [c for c in table.columns if c not in {*COLUMNS, "model", "schedule", "run", "num_samples"}]
-    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]].sort_values(["method", "ratio_target"])
+    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]].sort_values(
+        ["method", "ratio_target"]
+    )
 
 
 def run(cfg: DictConfig) -> Path:

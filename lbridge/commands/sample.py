@@ -31,7 +31,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_run(acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int) -> list[dict]:
+def generate_run(
+    acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
+) -> list[dict]:
     """Generate the prompts not yet in `run`, one image each, timing every generation."""
     done = finished(run)
     todo = [p for p in prompts if p.index not in done]

@@ -60,7 +60,9 @@ class ModelAdapter:
         """Load from `model.path` if set, else from the hub id; one clear line when unavailable."""
         source = self.path or self.hub_id
         if self.path is not None and not Path(self.path).exists():
-            raise LbridgeError(f"model.path={self.path} does not exist: point model.path at the {self.name} weights")
+            raise LbridgeError(
+                f"model.path={self.path} does not exist: point model.path at the {self.name} weights"
+            )
         try:
             pipe = pipeline_class.from_pretrained(source, torch_dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:  # hub errors subclass OSError
@@ -113,7 +115,9 @@ def adapter_for(transformer: torch.nn.Module) -> type[ModelAdapter]:
     for cls in _all_subclasses(ModelAdapter):
         if cls.transformer_class is not None and isinstance(transformer, cls.transformer_class):
             return cls
-    raise LbridgeError(f"no lbridge adapter for {type(transformer).__name__} (models: {', '.join(available_models())})")
+    raise LbridgeError(
+        f"no lbridge adapter for {type(transformer).__name__} (models: {', '.join(available_models())})"
+    )
 
 
 def available_models() -> list[str]:

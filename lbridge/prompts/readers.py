@@ -37,7 +37,9 @@ class TextFilePrompts:
 
     def texts(self, count: int) -> list[str]:
         if not self.path.is_file():
-            raise LbridgeError(f"prompts.path={self.path} is not a file: point prompts.path at the {self.name} list")
+            raise LbridgeError(
+                f"prompts.path={self.path} is not a file: point prompts.path at the {self.name} list"
+            )
         lines = [line.strip() for line in self.path.read_text(encoding="utf-8").splitlines()]
         lines = [line for line in lines if line]
         if not lines:

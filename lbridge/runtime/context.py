@@ -30,7 +30,9 @@ class SchedulerClock:
     def context(self, branch: str) -> CacheContext:
         timesteps = self.scheduler.timesteps
         if timesteps is None or len(timesteps) == 0:
-            raise LbridgeError("the scheduler has no timesteps yet: call lbridge hooks from inside a pipeline")
+            raise LbridgeError(
+                "the scheduler has no timesteps yet: call lbridge hooks from inside a pipeline"
+            )
         # `step_index` is None until the first `scheduler.step()`; the pipelines set begin_index=0.
         step = self.scheduler.step_index
         if step is None:

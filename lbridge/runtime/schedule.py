@@ -81,7 +81,9 @@ def solve(
     if not 1 <= warmup <= num_steps:
         raise LbridgeError(f"schedule.warmup={warmup} must be between 1 and num_inference_steps={num_steps}")
     if spacing == "even":
-        candidates = (Schedule.with_full_count(num_steps, n, warmup) for n in range(num_steps, warmup - 1, -1))
+        candidates = (
+            Schedule.with_full_count(num_steps, n, warmup) for n in range(num_steps, warmup - 1, -1)
+        )
     else:
         candidates = (Schedule.with_interval(num_steps, n, warmup) for n in range(1, num_steps + 1))
     best = None

@@ -30,7 +30,9 @@ def unpack(tokens: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     return FluxPipeline._unpack_latents(tokens, size, size, vae_scale_factor=1)
 
 
-def image_ids(size: int = IMAGE_SIZE, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
+def image_ids(
+    size: int = IMAGE_SIZE, device: torch.device | None = None, dtype=torch.float32
+) -> torch.Tensor:
     return FluxPipeline._prepare_latent_image_ids(1, size // 2, size // 2, device, dtype)
 
 
