@@ -93,6 +93,16 @@ def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
     return first
 
 
+def quiet_libraries() -> None:
+    """Library chatter (hub retries, loading bars) would bury lbridge's own one-line messages."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def _run_command(command: str, cfg: DictConfig) -> None:
     module = importlib.import_module(f"lbridge.commands.{command}")
     try:
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in rest if not a.startswith("-")]
     if (error := check_overrides(command, overrides)) is not None:
         return fail(error)
+    quiet_libraries()
     sys.argv = [f"lbridge {command}", *rest]
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base=None)(
         partial(_run_command, command)

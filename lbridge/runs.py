@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lbridge.conf_paths import CONF_DIR
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
 
@@ -43,8 +44,9 @@ def sample_dir(cfg: DictConfig, method: DictConfig | None = None) -> Path:
     return Path(cfg.output_root) / "sample" / key["model"]["name"] / f"{label}-{key_hash(key)}"
 
 
-def reference_method(cfg: DictConfig) -> DictConfig:
-    return OmegaConf.load(Path(__file__).parent / "conf" / "method" / "none.yaml")
+def reference_method() -> DictConfig:
+    """The full-compute method config every accelerated run is compared with."""
+    return OmegaConf.load(CONF_DIR / "method" / "none.yaml")
 
 
 def open_run(path: Path, key: dict[str, Any]) -> Path:

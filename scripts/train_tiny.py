@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from lbridge.tiny.assets import TINY_PIPELINE, load_digit_classifier
+from lbridge.metrics.digit_accuracy import class_accuracy
+from lbridge.tiny.assets import TINY_PIPELINE
 from lbridge.tiny.data import class_prompt, digits_16, random_shift
-from lbridge.tiny.pipeline import TinyDigitsPipeline, pack
+from lbridge.tiny.pipeline import TinyDigitsPipeline, image_ids, pack
 from lbridge.tiny.text_encoder import DigitPromptEncoder
 
 TRANSFORMER_CONFIG = dict(
@@ -62,29 +63,10 @@ def training_step(pipe, images, labels, gen, cfg_dropout: float) -> torch.Tensor
         pooled_projections=pooled,
         encoder_hidden_states=embeds,
         txt_ids=text_ids,
-        img_ids=pipe_image_ids(),
+        img_ids=image_ids(),
         return_dict=False,
     )[0]
     return torch.nn.functional.mse_loss(pred, noise - x0)
-
-
-def pipe_image_ids() -> torch.Tensor:
-    from lbridge.tiny.pipeline import image_ids
-
-    return image_ids()
-
-
-@torch.no_grad()
-def class_accuracy(pipe, per_class: int, steps: int, guidance: float, seed: int = 1234) -> float:
-    classifier = load_digit_classifier()
-    correct = 0
-    for label in range(10):
-        gens = [torch.Generator().manual_seed(seed + label * per_class + i) for i in range(per_class)]
-        images = pipe(
-            [class_prompt(label)] * per_class, steps, guidance, generator=gens, output_type="pt"
-        ).images
-        correct += (classifier(images).argmax(1) == label).sum().item()
-    return correct / (10 * per_class)
 
 
 def main() -> None:
@@ -125,7 +107,7 @@ def main() -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     print(f"saved to {args.out}")
     for guidance in (1.0, 2.0, 3.0):
-        acc = class_accuracy(pipe, per_class=100, steps=20, guidance=guidance)
+        acc = class_accuracy(pipe, per_class=100, num_inference_steps=20, guidance_scale=guidance)
         print(f"classifier accuracy, 100 samples per class, 20 steps, guidance {guidance}: {acc:.3f}")
 
 

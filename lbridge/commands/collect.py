@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> Path:
     adapter = build_adapter(cfg)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     pipe = adapter.load_pipeline()
-    acc = plan(pipe, adapter, build_method(reference_method(cfg)), cfg, prompts[0].text).attach()
+    acc = plan(pipe, adapter, build_method(reference_method()), cfg, prompts[0].text).attach()
     transformer = adapter.transformer(pipe)
     final = adapter.blocks(transformer)[-1]
     recorder = register(final, RecordFinalBlockHook(acc.runtime, final, DTYPES[cfg.dtype]), "lbridge.collect")

@@ -34,7 +34,7 @@ def _open(run: Path, records: list[dict]) -> list[Image.Image]:
 
 def run(cfg: DictConfig) -> Path:
     count = len(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed))
-    run_dir, ref_dir = sample_dir(cfg), sample_dir(cfg, reference_method(cfg))
+    run_dir, ref_dir = sample_dir(cfg), sample_dir(cfg, reference_method())
     records = load_records(run_dir, count, cfg.method.name)
     reference = load_records(ref_dir, count, "reference (method=none)")
     images, ref_images = _open(run_dir, records), _open(ref_dir, reference)

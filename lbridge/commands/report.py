@@ -21,9 +21,10 @@ def gather(root: Path, model: str) -> pd.DataFrame:
         raise LbridgeError(f"no evaluated runs under {root / 'sample' / model}: run `lbridge eval` first")
     table = pd.DataFrame(rows)
     metrics = [c for c in table.columns if c not in {*COLUMNS, "model", "schedule", "run", "num_samples"}]
-    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]].sort_values(
-        ["method", "ratio_target"]
-    )
+    table = table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]]
+    # The full-compute reference first, then each method by increasing target ratio.
+    order = table["method"].ne("none").astype(int)
+    return table.assign(_order=order).sort_values(["_order", "method", "ratio_target"]).drop(columns="_order")
 
 
 def run(cfg: DictConfig) -> Path:

@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> Path:
 
 def generate_reference(cfg: DictConfig, adapter: ModelAdapter, pipe, prompts: list[Prompt]) -> list[dict]:
     """The full-compute run with the same prompts and seeds (reused when already complete)."""
-    none_cfg = reference_method(cfg)
+    none_cfg = reference_method()
     ref = plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text)
     ref_dir = open_run(sample_dir(cfg, none_cfg), sample_key(cfg, none_cfg))
     records = generate_run(ref.attach(), adapter, prompts, ref_dir, int(cfg.timing.warmup_runs))

@@ -33,3 +33,25 @@ def digit_accuracy(images: list[Image.Image], prompts: list[str]) -> float:
     predictions = load_digit_classifier()(images_to_tensor(images)).argmax(1)
     labels = torch.tensor([prompt_label(p) for p in prompts])
     return float((predictions == labels).float().mean())
+
+
+@torch.no_grad()
+def class_accuracy(
+    pipe, per_class: int, num_inference_steps: int, guidance_scale: float, seed: int = 1234
+) -> float:
+    """Classifier accuracy on `per_class` tiny-model samples of each digit (seeds seed, seed+1, ...)."""
+    from lbridge.tiny.data import class_prompt
+
+    classifier = load_digit_classifier()
+    correct = 0
+    for label in range(10):
+        gens = [torch.Generator().manual_seed(seed + label * per_class + i) for i in range(per_class)]
+        images = pipe(
+            [class_prompt(label)] * per_class,
+            num_inference_steps,
+            guidance_scale,
+            generator=gens,
+            output_type="pt",
+        ).images
+        correct += (classifier(images).argmax(1) == label).sum().item()
+    return correct / (10 * per_class)

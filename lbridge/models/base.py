@@ -64,7 +64,7 @@ class ModelAdapter:
                 f"model.path={self.path} does not exist: point model.path at the {self.name} weights"
             )
         try:
-            pipe = pipeline_class.from_pretrained(source, torch_dtype=self.dtype, **kwargs)
+            pipe = pipeline_class.from_pretrained(source, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:  # hub errors subclass OSError
             raise LbridgeError(
                 f"cannot load {self.name} weights from '{source}' (offline or not downloaded: "
