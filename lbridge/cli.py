@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lbridge.conf_paths import CONF_DIR, group_options
+from lbridge.config import CONF_DIR, group_options
 from lbridge.errors import LbridgeError
 
 COMMANDS = {

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lbridge.conf_paths import CONF_DIR
+from lbridge.config import CONF_DIR
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
 

@@ -4,34 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lbridge.api import Accelerator
+from lbridge.config import instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
 from lbridge.models.base import ModelAdapter
 
 
-def build(node: DictConfig, group: str) -> Any:
-    """hydra.utils.instantiate, with the constructor's own error surfaced as a one-line LbridgeError."""
-    try:
-        return instantiate(node, _convert_="all")
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, LbridgeError):
-            raise cause from None
-        detail = str(cause or err).strip().splitlines()[0]
-        raise LbridgeError(f"bad {group} config '{node.get('name')}': {detail}") from None
-
-
 def build_adapter(cfg: DictConfig) -> ModelAdapter:
-    return build(cfg.model, "model")
+    return instantiate_node(cfg.model, "model")
 
 
 def build_method(method_cfg: DictConfig) -> CacheMethod:
-    return build(method_cfg, "method")
+    return instantiate_node(method_cfg, "method")
 
 
 def target_ratio(cfg: DictConfig) -> float:

@@ -6,11 +6,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from lbridge.conf_paths import CONF_DIR, group_options
-from lbridge.errors import LbridgeError
+from lbridge.config import group_options, load_option
 from lbridge.runtime.hooks import ModelHook, register, remove_all
 
 if TYPE_CHECKING:
@@ -64,8 +61,5 @@ def available_methods() -> list[str]:
 
 
 def load_method(name: str, **params: Any) -> CacheMethod:
-    """Instantiate `conf/method/<name>.yaml` (its `_target_`), with `params` overriding its values."""
-    if name not in available_methods():
-        raise LbridgeError(f"unknown method '{name}' (accepted: {', '.join(available_methods())})")
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"), params)
-    return instantiate(cfg, _convert_="all")
+    """Instantiate `conf/method/<name>.yaml`, with `params` overriding its values."""
+    return load_option("method", name, **params)

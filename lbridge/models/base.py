@@ -9,11 +9,9 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
-from lbridge.conf_paths import CONF_DIR, group_options
+from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -126,7 +124,4 @@ def available_models() -> list[str]:
 
 def load_adapter(name: str, **overrides: Any) -> ModelAdapter:
     """Instantiate `conf/model/<name>.yaml`, with `overrides` replacing its values."""
-    if name not in available_models():
-        raise LbridgeError(f"unknown model '{name}' (accepted: {', '.join(available_models())})")
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
+    return load_option("model", name, **overrides)

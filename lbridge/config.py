@@ -1,0 +1,40 @@
+"""The packaged Hydra config tree: its groups' options, and instantiating a config node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lbridge.errors import LbridgeError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the YAML files in a config group, e.g. group_options('model') -> ['flux', 'tiny']."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def instantiate_node(node: DictConfig, group: str) -> Any:
+    """hydra.utils.instantiate, with the constructor's own error surfaced as a one-line LbridgeError."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, LbridgeError):
+            raise cause from None
+        detail = str(cause or err).strip().splitlines()[0]
+        raise LbridgeError(f"bad {group} config '{node.get('name')}': {detail}") from None
+
+
+def load_option(group: str, name: str, **overrides: Any) -> Any:
+    """Instantiate `conf/<group>/<name>.yaml` (its `_target_`), `overrides` replacing its values."""
+    options = group_options(group)
+    if name not in options:
+        raise LbridgeError(f"unknown {group} '{name}' (accepted: {', '.join(options)})")
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), overrides)
+    return instantiate_node(node, group)
