@@ -84,6 +84,9 @@ def check_overrides(command: str, overrides: list[str]) -> str | None:
 
 def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
     first = str(err).strip().splitlines()[0]
+    if first.startswith("Error merging override") and err.__cause__ is not None:
+        # e.g. "num_prompts=abc: Value 'abc' of type 'str' could not be converted to Integer"
+        return f"{first.removeprefix('Error merging override ')}: {str(err.__cause__).splitlines()[0]}"
     if first.startswith("Could not override"):
         key = first.split("'")[1]
         known = ", ".join(k for k in compose(config_name=command) if k != "hydra")

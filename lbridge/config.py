@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +14,60 @@ from omegaconf import DictConfig, OmegaConf
 from lbridge.errors import LbridgeError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+@dataclass
+class ScheduleConfig:
+    warmup: int = 1
+    spacing: str = "even"
+    interval: int | None = None
+
+
+@dataclass
+class CommonSchema:
+    """Types of the keys every command shares: Hydra rejects `num_prompts=abc` while composing.
+
+    The model/method/prompts nodes stay free-form; their constructors check their own keys.
+    """
+
+    model: Any = None
+    method: Any = None
+    prompts: Any = None
+    ratio: float = 2.0
+    num_prompts: int = 10
+    seed: int = 0
+    output_root: str = "outputs"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class TimingConfig:
+    warmup_runs: int = 1
+
+
+@dataclass
+class SampleSchema(CommonSchema):
+    timing: TimingConfig = field(default_factory=TimingConfig)
+
+
+@dataclass
+class CollectSchema(CommonSchema):
+    dtype: str = "float32"
+
+
+@dataclass
+class ReportSchema(CommonSchema):
+    out: str | None = None
+
+
+# Each command's YAML names its schema first in its defaults list (conf/<command>.yaml).
+for _name, _schema in {
+    "common_schema": CommonSchema,
+    "sample_schema": SampleSchema,
+    "collect_schema": CollectSchema,
+    "report_schema": ReportSchema,
+}.items():
+    ConfigStore.instance().store(name=_name, node=_schema)
 
 
 def group_options(group: str) -> list[str]:

@@ -41,6 +41,10 @@ class ModelAdapter:
     ) -> None:
         if dtype not in DTYPES:
             raise LbridgeError(f"unknown model.dtype '{dtype}' (accepted: {', '.join(DTYPES)})")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise LbridgeError(f"model.num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        if not isinstance(guidance_scale, int | float):
+            raise LbridgeError(f"model.guidance_scale={guidance_scale!r} must be a number")
         self.name, self.path, self.hub_id = name, path, hub_id
         self.dtype = DTYPES[dtype]
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -64,6 +64,8 @@ class Schedule:
     @classmethod
     def with_interval(cls, num_steps: int, interval: int, warmup: int) -> Schedule:
         """`warmup` leading FULL steps, then one FULL step every `interval` steps (FORA's N)."""
+        if interval < 1:
+            raise LbridgeError(f"schedule.interval={interval} must be >= 1")
         return cls(tuple(s < warmup or (s - warmup) % interval == 0 for s in range(num_steps)))
 
 
