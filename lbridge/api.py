@@ -75,8 +75,15 @@ class Accelerator:
         self.attached = False
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(self, ratio: float, call: dict[str, Any], warmup: int = 1, spacing: str = "even",
-             interval: int | None = None) -> Schedule:  # fmt: skip
+    def plan(
+        self,
+        ratio: float,
+        call: dict[str, Any],
+        warmup: int = 1,
+        spacing: str = "even",
+        interval: int | None = None,
+    ) -> Schedule:
+        """Capture `pipe(**call)`'s first transformer call, count FULL/CACHED FLOPs, solve the schedule."""
         captured = capture_transformer_call(self.pipe, self.transformer, **call)
         steps = captured.num_steps
         self.runtime = CacheRuntime(ManualClock(steps), Schedule.all_full(steps))

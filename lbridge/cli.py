@@ -65,9 +65,10 @@ def check_overrides(command: str, overrides: list[str]) -> str | None:
     choices = []
     for override in parsed:
         key = override.get_key_element()
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
-            override.get_value_element_as_str()
-        ]  # fmt: skip
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.get_value_element_as_str()]
         for value in values:
             if (error := _value_error(key, value)) is not None:
                 return error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 from pathlib import Path
 from statistics import mean
 
@@ -19,6 +20,9 @@ from lbridge.prompts import Prompt, load_prompts
 from lbridge.runs import open_run, reference_method, sample_dir, sample_key
 
 SAMPLES = "samples.jsonl"
+# Tags every timed sample with the process that timed it: latencies from different processes (or
+# machines) are not comparable as a speedup, and the summary says so when it has to mix them.
+PROCESS = uuid.uuid4().hex[:12]
 
 
 def finished(run: Path) -> dict[int, dict]:
@@ -55,7 +59,7 @@ def generate_run(
         record = {
             "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, "file": file,
             "latency_s": latency, "flops": acc.sample_flops(), "schedule": str(acc.schedule),
-            "device": str(adapter.device),
+            "device": str(adapter.device), "process": PROCESS,
         }  # fmt: skip
         append_jsonl(run / SAMPLES, record)
         done[prompt.index] = record
@@ -77,16 +81,28 @@ def run(cfg: DictConfig) -> Path:
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
 
     reference = generate_reference(cfg, adapter, pipe, prompts)
+    if not method.accelerates:  # method=none: the reference is the run
+        run_dir = sample_dir(cfg)
+        print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
+        return run_dir
     run_dir = open_run(sample_dir(cfg), sample_key(cfg))
     records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
     acc.remove()
 
     flops_x, latency_x = speedups(records, reference)
-    print(f"{run_dir}: {len(records)} images, schedule {acc.schedule} "
-          f"({acc.schedule.num_full}/{len(acc.schedule)} FULL, cached step = "
-          f"{acc.cost.cached_fraction:.1%} of a full step's FLOPs)")  # fmt: skip
-    print(f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio if method.accelerates else 1:g}x)  "
-          f"latency speedup {latency_x:.2f}x  vs method=none, same {len(prompts)} seeds")  # fmt: skip
+    schedule = acc.schedule
+    print(
+        f"{run_dir}: {len(records)} images, schedule {schedule} ({schedule.num_full}/{len(schedule)} FULL; "
+        f"a cached step costs {acc.cost.cached_fraction:.1%} of a full step's FLOPs)"
+    )
+    print(
+        f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio:g}x)  latency speedup {latency_x:.2f}x  "
+        f"vs method=none, same {len(prompts)} seeds"
+    )
+    if any(r.get("process") != PROCESS for r in reference):
+        print(
+            "note: the reference images were timed by an earlier process; its latencies may not be comparable"
+        )
     return run_dir
 
 

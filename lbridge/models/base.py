@@ -17,6 +17,13 @@ from lbridge.errors import LbridgeError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class ModelAdapter:
     """Base adapter. Subclasses name their transformer class and override what differs.
 
@@ -47,8 +54,7 @@ class ModelAdapter:
             raise LbridgeError(f"model.guidance_scale={guidance_scale!r} must be a number")
         self.name, self.path, self.hub_id = name, path, hub_id
         self.dtype = DTYPES[dtype]
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)  # fmt: skip
+        self.device = resolve_device(device)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.height, self.width = height, width
         self.call_kwargs = dict(call_kwargs or {})
