@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 
-from lbridge.calibration.trajectories import read_manifest
+from lbridge.calibration.trajectories import load_shard, read_manifest
 from lbridge.errors import LbridgeError
 
 
@@ -21,7 +20,7 @@ def test_collect_stores_final_block_input_and_output_per_step(tmp_path):
     (root,) = (tmp_path / "outputs" / "trajectories" / "tiny").iterdir()
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["steps"] == 20 and sorted(manifest["shards"]) == ["0", "1"]
-    tensors = load_file(str(root / manifest["shards"]["0"]["file"]))
+    tensors = load_shard(root, manifest["shards"]["0"]["file"])
     for branch in ("cond", "uncond"):
         for step in (0, 19):
             prefix = f"{branch}/{step:03d}/"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from diffusers.hooks.hooks import CacheContext
 
 from lbridge.errors import LbridgeError
@@ -89,9 +88,3 @@ class CacheRuntime:
     @property
     def step(self) -> int:
         return self.context.step_index if self.context is not None else 0
-
-
-def as_float(value: float | torch.Tensor | None) -> float | None:
-    if value is None:
-        return None
-    return float(value.flatten()[0]) if isinstance(value, torch.Tensor) else float(value)

@@ -35,6 +35,3 @@ class StepCost:
     @property
     def cached_fraction(self) -> float:
         return self.cached / self.full
-
-    def run_flops(self, num_full: int, num_cached: int, calls_per_step: int = 1) -> int:
-        return calls_per_step * (num_full * self.full + num_cached * self.cached)
