@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 LBRIDGE := $(BIN)/lbridge
 DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
+DEMO_METHODS := fora,taylorseer
 
 .PHONY: install demo test lint format tiny-model clean
 
@@ -20,10 +21,10 @@ install: $(STAMP)
 
 # The main job on the embedded tiny model: sample (with the same-seed reference), evaluate, tabulate.
 demo: install
-	$(LBRIDGE) sample -m model=tiny method=fora ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
+	$(LBRIDGE) sample -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
 	$(LBRIDGE) eval model=tiny method=none num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) eval -m model=tiny method=fora ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) report model=tiny
+	$(LBRIDGE) eval -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
+	$(LBRIDGE) report model=tiny out=results/tiny/demo
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

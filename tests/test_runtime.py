@@ -28,7 +28,13 @@ def accelerate(adapter, pipe, method, ratio, **params):
 
 @pytest.mark.parametrize("model", ["tiny", "random_flux"])
 @pytest.mark.parametrize(
-    "method,params", [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"})]
+    "method,params",
+    [
+        ("none", {}),
+        ("fora", {"site": "stack"}),
+        ("fora", {"site": "attn_mlp"}),
+        ("taylorseer", {"site": "attn_mlp"}),
+    ],
 )
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(model, method, params, request):
     adapter, pipe = request.getfixturevalue(model)

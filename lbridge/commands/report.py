@@ -33,7 +33,10 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False, float_format="%.4f")
     markdown = table.to_markdown(index=False, floatfmt=".3f")
-    (out / "table.md").write_text(markdown + "\n")
+    command = f"lbridge report model={cfg.model.name}" + (f" out={cfg.out}" if cfg.out else "")
+    runs = f"{cfg.output_root}/sample/{cfg.model.name}"
+    caption = f"Evaluated runs under {runs}; regenerate: `lbridge sample`, `lbridge eval`, `{command}`.\n\n"
+    (out / "table.md").write_text(caption + markdown + "\n")
     print(markdown)
     print(f"\nwritten: {out / 'table.csv'}, {out / 'table.md'}")
     return out
