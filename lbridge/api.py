@@ -141,7 +141,6 @@ class Accelerator:
     def reset(self) -> None:
         """Call between samples: drops cached features and the per-sample call counters."""
         self.method.reset()
-        self.runtime.calls.clear()
         self.runtime.full_calls = self.runtime.cached_calls = 0
 
     # -- reporting ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@ CFG branches, extra calls or an interrupted sample cannot shift the step index.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import torch
 from diffusers.hooks.hooks import CacheContext
 
 from lbridge.errors import LbridgeError
@@ -37,7 +38,9 @@ class SchedulerClock:
         if step is None:
             step = self.scheduler.begin_index or 0
         sigmas = getattr(self.scheduler, "sigmas", None)
-        sigma = float(sigmas[step]) if sigmas is not None else None
+        sigma = sigmas[step] if sigmas is not None else None
+        if isinstance(sigma, torch.Tensor) and sigma.device.type == "cpu":
+            sigma = float(sigma)  # never `float()` a GPU tensor here: a host sync on every call
         return CacheContext(branch, step, len(timesteps), timesteps[step], sigma)
 
 
@@ -58,7 +61,6 @@ class CacheRuntime:
     clock: SchedulerClock | ManualClock
     schedule: Schedule
     context: CacheContext | None = None
-    calls: dict[str, int] = field(default_factory=dict)
     full_calls: int = 0
     cached_calls: int = 0
 
@@ -70,7 +72,6 @@ class CacheRuntime:
                 f"{len(self.schedule)}: pass the same num_inference_steps to lbridge.accelerate"
             )
         self.context = context
-        self.calls[context.name] = self.calls.get(context.name, 0) + 1
         if self.is_full:
             self.full_calls += 1
         else:
