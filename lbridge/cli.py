@@ -116,6 +116,23 @@ def _run_command(command: str, cfg: DictConfig) -> None:
         sys.exit(fail(str(err)))
 
 
+# Hydra's own flags that take a value (`--cfg job`): that value is not an override.
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    overrides, skip_next = [], False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg.startswith("-"):
+            skip_next = arg in VALUE_FLAGS
+        else:
+            overrides.append(arg)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return fail(f"unknown command '{command}' (accepted: {', '.join(COMMANDS)})")
-    overrides = [a for a in rest if not a.startswith("-")]
+    overrides = overrides_of(rest)
     if (error := check_overrides(command, overrides)) is not None:
         return fail(error)
     quiet_libraries()

@@ -111,3 +111,10 @@ def test_same_seed_twice_gives_identical_png_bytes(tmp_path):
     a = sorted((tmp_path / "a").rglob("*.png"))
     b = sorted((tmp_path / "b").rglob("*.png"))
     assert len(a) == 4 and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_hydra_flags_pass_through(tmp_path):
+    result = lbridge("sample", "ratio=3", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ratio: 3" in result.stdout and "_target_: lbridge.methods.fora.Fora" in result.stdout
+    assert list(tmp_path.iterdir()) == []
