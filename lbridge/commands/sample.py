@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> Path:
     pipe = adapter.load_pipeline()
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
 
-    reference = generate_reference(cfg, adapter, pipe, prompts)
+    reference = generate_reference(cfg, adapter, pipe, prompts, None if method.accelerates else acc)
     if not method.accelerates:  # method=none: the reference is the run
         run_dir = sample_dir(cfg)
         print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
@@ -106,10 +106,15 @@ def run(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def generate_reference(cfg: DictConfig, adapter: ModelAdapter, pipe, prompts: list[Prompt]) -> list[dict]:
-    """The full-compute run with the same prompts and seeds (reused when already complete)."""
+def generate_reference(
+    cfg: DictConfig, adapter: ModelAdapter, pipe, prompts: list[Prompt], ref: Accelerator | None = None
+) -> list[dict]:
+    """The full-compute run with the same prompts and seeds (reused when already complete).
+
+    `ref` is the already planned `none` accelerator when the command itself samples `method=none`.
+    """
     none_cfg = reference_method()
-    ref = plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text)
+    ref = ref or plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text)
     ref_dir = open_run(sample_dir(cfg, none_cfg), sample_key(cfg, none_cfg))
     records = generate_run(ref.attach(), adapter, prompts, ref_dir, int(cfg.timing.warmup_runs))
     ref.remove()

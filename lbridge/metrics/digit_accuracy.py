@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lbridge.tiny.assets import load_digit_classifier
+from lbridge.tiny.data import class_prompt
 from lbridge.tiny.text_encoder import DIGIT_WORDS
 
 
@@ -40,8 +41,6 @@ def class_accuracy(
     pipe, per_class: int, num_inference_steps: int, guidance_scale: float, seed: int = 1234
 ) -> float:
     """Classifier accuracy on `per_class` tiny-model samples of each digit (seeds seed, seed+1, ...)."""
-    from lbridge.tiny.data import class_prompt
-
     classifier = load_digit_classifier()
     correct = 0
     for label in range(10):
