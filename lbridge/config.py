@@ -52,7 +52,7 @@ class SampleSchema(CommonSchema):
 
 @dataclass
 class CollectSchema(CommonSchema):
-    dtype: str = "float32"
+    dtype: str = "auto"
 
 
 @dataclass

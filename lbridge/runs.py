@@ -44,6 +44,22 @@ def sample_dir(cfg: DictConfig, method: DictConfig | None = None) -> Path:
     return Path(cfg.output_root) / "sample" / key["model"]["name"] / f"{label}-{key_hash(key)}"
 
 
+def calibration_key(cfg: DictConfig) -> dict[str, Any]:
+    """What a calibration artifact depends on: model, prompts, method (with calibration set), ratio, schedule.
+
+    Not the sampling prompts' count or seeds: one artifact serves every sampling run of its schedule.
+    """
+    key = sample_key(cfg)
+    del key["num_prompts"], key["seed"]
+    return key
+
+
+def calibration_dir(cfg: DictConfig) -> Path:
+    key = calibration_key(cfg)
+    label = f"{key['method']['name']}-r{key['ratio']:g}"
+    return Path(cfg.output_root) / "calibration" / key["model"]["name"] / f"{label}-{key_hash(key)}"
+
+
 def reference_method() -> DictConfig:
     """The full-compute method config every accelerated run is compared with."""
     return OmegaConf.load(CONF_DIR / "method" / "none.yaml")

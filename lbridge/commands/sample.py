@@ -17,7 +17,7 @@ from lbridge.commands.setup import build_adapter, build_method, plan, target_rat
 from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
 from lbridge.models.base import ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
-from lbridge.runs import open_run, reference_method, sample_dir, sample_key
+from lbridge.runs import calibration_dir, open_run, reference_method, sample_dir, sample_key
 
 SAMPLES = "samples.jsonl"
 # Tags every timed sample with the process that timed it: latencies from different processes (or
@@ -79,6 +79,8 @@ def run(cfg: DictConfig) -> Path:
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     pipe = adapter.load_pipeline()
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
+    if hasattr(method, "load_calibration"):  # calibrated methods: the artifact of this very schedule
+        method.load_calibration(calibration_dir(cfg), adapter.transformer(pipe), acc.schedule)
 
     reference = generate_reference(cfg, adapter, pipe, prompts, None if method.accelerates else acc)
     if not method.accelerates:  # method=none: the reference is the run

@@ -107,6 +107,10 @@ class ModelAdapter:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
 
+    def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The transformer's output from the final block's hidden output (`arguments`: that block's call)."""
+        raise LbridgeError(f"model '{self.name}' does not define its head: use method.loss=block or normed")
+
 
 def _import_all_adapters() -> None:
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):

@@ -39,6 +39,12 @@ class FluxAdapter(ModelAdapter):
     def blocks(self, transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
+    def head(
+        self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, arguments: dict
+    ) -> torch.Tensor:
+        """What the transformer does after its final block: AdaLN with the step's `temb`, then projection."""
+        return transformer.proj_out(transformer.norm_out(hidden, arguments["temb"]))
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(block, FluxSingleTransformerBlock):
             return [block.attn, block.proj_mlp]

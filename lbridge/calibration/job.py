@@ -1,0 +1,55 @@
+"""What `lbridge calibrate` hands a calibrated method: the planned pipeline and its training data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lbridge.api import Accelerator
+from lbridge.calibration.trajectories import Trajectory
+from lbridge.errors import LbridgeError
+from lbridge.models.base import ModelAdapter
+from lbridge.prompts import Prompt
+from lbridge.runtime.schedule import Schedule
+
+METADATA = "calibration.json"  # written last into an artifact directory: its presence means complete
+
+
+@dataclass
+class CalibrationJob:
+    """A method fits its parameters for `accelerator.schedule` on the full-compute `trajectories`."""
+
+    cfg: DictConfig
+    adapter: ModelAdapter
+    pipe: Any
+    accelerator: Accelerator  # planned for the method being calibrated; detached
+    prompts: list[Prompt]  # the calibration prompts, in the order of `trajectories`
+    trajectories: list[Trajectory]
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.accelerator.schedule
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.adapter.transformer(self.pipe)
+
+    def option(self, key: str, default: Any) -> Any:
+        """A key of the method's `calibration:` node."""
+        return self.cfg.method.get("calibration", {}).get(key, default)
+
+
+def read_calibration(directory: Path, method: str) -> dict[str, Any]:
+    """An artifact's metadata; a clear error naming the command to run when there is none."""
+    path = directory / METADATA
+    if not path.is_file():
+        raise LbridgeError(
+            f"no {method} calibration at {directory}: run `lbridge calibrate` with the same model, "
+            "method, ratio and schedule first"
+        )
+    return json.loads(path.read_text())
