@@ -27,6 +27,7 @@ COMMANDS = {
     "sample": "generate images with a method and its same-seed full-compute reference",
     "eval": "metrics of a sampled run (PSNR/SSIM vs reference, model-specific metrics)",
     "report": "gather evaluated runs of a model into a table",
+    "analyze": "is the optimal final-block correction low-rank and shared across prompts? (LearniBridge)",
 }
 GROUPS = ("model", "method", "prompts")
 MAX_CHECKED_COMBINATIONS = 64

@@ -60,12 +60,19 @@ class ReportSchema(CommonSchema):
     out: str | None = None
 
 
+@dataclass
+class AnalyzeSchema(CommonSchema):
+    subspace_rank: int = 8
+    out: str | None = None
+
+
 # Each command's YAML names its schema first in its defaults list (conf/<command>.yaml).
 for _name, _schema in {
     "common_schema": CommonSchema,
     "sample_schema": SampleSchema,
     "collect_schema": CollectSchema,
     "report_schema": ReportSchema,
+    "analyze_schema": AnalyzeSchema,
 }.items():
     ConfigStore.instance().store(name=_name, node=_schema)
 

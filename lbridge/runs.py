@@ -81,3 +81,14 @@ def open_run(path: Path, key: dict[str, Any]) -> Path:
         raise LbridgeError(f"cannot create output directory {path}: {err.strerror}") from None
     write_json(manifest, {"hash": key_hash(key), "key": key})
     return path
+
+
+def command_line(command: str) -> str:
+    """The `lbridge` command line of the running Hydra job (its overrides), for 'regenerate with' notes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (tests, the Python API)
+        overrides = []
+    return " ".join(["lbridge", command, *overrides])

@@ -187,3 +187,18 @@ def test_an_artifact_of_another_schedule_is_refused(calibrated):
 def test_bad_parameters_are_clear_errors(params, message):
     with pytest.raises(LbridgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         lbridge.methods.load_method("learnibridge", **params)
+
+
+def test_low_rank_statistics_on_known_matrices():
+    from lbridge.calibration import correction
+
+    rank_one = torch.outer(torch.arange(1.0, 7.0), torch.tensor([1.0, 2.0, 0.0, 0.0])).double()
+    values, directions = correction.top_subspace(rank_one, 1)
+    assert correction.effective_rank(values) == pytest.approx(1.0)
+    assert correction.energy_rank(values, 0.99) == 1
+    assert correction.effective_rank(torch.ones(4)) == pytest.approx(4.0)  # a flat spectrum
+    e = torch.eye(4, dtype=torch.float64)
+    assert correction.subspace_overlap(directions, directions) == pytest.approx(1.0)
+    assert correction.subspace_overlap(e[:, :2], e[:, 2:]) == pytest.approx(0.0)  # orthogonal planes
+    angles = correction.principal_angles(e[:, :1], (e[:, :1] + e[:, 1:2]) / 2**0.5)
+    assert float(angles[0]) == pytest.approx(torch.pi / 4)
