@@ -9,7 +9,7 @@ DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
 
-.PHONY: install demo test lint format tiny-model clean
+.PHONY: install demo learnibridge-results test lint format tiny-model clean
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +25,12 @@ demo: install
 	$(LBRIDGE) eval model=tiny method=none num_prompts=$(DEMO_PROMPTS)
 	$(LBRIDGE) eval -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
 	$(LBRIDGE) report model=tiny out=results/tiny/demo
+
+# The LearniBridge claims on the tiny model (quality vs speed, few-shot, rank, options, low-rank
+# analysis) -> results/tiny/learnibridge_*. About 10 minutes on 2 CPU cores.
+learnibridge-results: install
+	$(BIN)/python scripts/learnibridge_results.py
+	$(LBRIDGE) analyze model=tiny ratio=1 schedule.interval=3 out=results/tiny/learnibridge_analysis
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests
