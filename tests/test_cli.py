@@ -28,7 +28,7 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     "args,message",
     [
         (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: flux, tiny)"),
-        (["sample", "method=magic"], "unknown method 'magic' (accepted: fora, none, taylorseer)"),
+        (["sample", "method=magic"], "unknown method 'magic' (accepted: foca, fora, learnibridge, none, taylor"),
         (["sample", "-m", "method=fora,magic"], "unknown method 'magic'"),
         (["sample", "ratio=50"], "ratio=50 is above the maximum reachable"),
         (["sample", "ratio=fast"], "ratio=fast: Value 'fast' of type 'str' could not be converted to Float"),
@@ -49,7 +49,7 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "prompts.path=/nowhere.txt is not a file",
         ),
         (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
-        (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report)"),
+        (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report, analyze)"),
         (["eval", "method=fora", "ratio=3"], "run `lbridge sample` first"),
         (["calibrate", "method=fora"], "training-free"),
         (["sample", "model=flux", "model.device=cpu"], "set model.path"),

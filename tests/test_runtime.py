@@ -35,6 +35,8 @@ def accelerate(adapter, pipe, method, ratio, **params):
         ("fora", {"site": "attn_mlp"}),
         ("taylorseer", {"site": "attn_mlp"}),
         ("learnibridge", {}),
+        ("foca", {"site": "stack"}),
+        ("foca", {"site": "attn_mlp"}),
     ],
 )
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(model, method, params, request):
