@@ -9,8 +9,10 @@ sets of pairs (`rounds` times): the bridge then also learns the states its own e
 
 from __future__ import annotations
 
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +21,7 @@ from diffusers.hooks.taylorseer_cache import TaylorSeerState
 from lbridge.calibration import lora
 from lbridge.calibration.job import CalibrationJob
 from lbridge.calibration.lora import InputFn, Pair, PairLoader, stale_input, train_adapter, training_pairs
+from lbridge.calibration.resimulate import accelerated_trajectories
 from lbridge.runtime.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -55,14 +58,13 @@ def fit_bridge(method: LearniBridge, job: CalibrationJob) -> dict[str, Any]:
     space = loss_space(method.loss, job)
     start = time.perf_counter()
     report = {"pairs": len(pairs), "rounds": []}
-    rounds = int(options["rounds"]) if options["train_on"] == "accelerated" else 1
-    for round_index in range(rounds + (1 if options["train_on"] == "accelerated" else 0)):
-        if round_index > 0:
-            from lbridge.calibration.resimulate import accelerated_trajectories
-
-            extra = accelerated_trajectories(job, method)
-            pairs = pairs + training_pairs(extra, schedule)
-        report["rounds"].append(_fit_adapters(method, bridge, loader, pairs, options, space, transformer))
+    resimulations = int(options["rounds"]) if options["train_on"] == "accelerated" else 0
+    with tempfile.TemporaryDirectory(prefix="lbridge-resimulate-") as scratch:
+        for round_index in range(1 + resimulations):
+            if round_index > 0:  # pairs along the accelerated trajectory of the bridge fitted so far
+                extra = accelerated_trajectories(job, method, Path(scratch) / str(round_index))
+                pairs = pairs + training_pairs(extra, schedule)
+            report["rounds"].append(_fit_adapters(method, bridge, loader, pairs, options, space, transformer))
     report["seconds"] = time.perf_counter() - start
     report["options"] = options
     return report

@@ -9,7 +9,6 @@ correct the drift its own errors cause.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +47,11 @@ class KeepCallsHook(ModelHook):
         return args, kwargs
 
 
-def accelerated_trajectories(
-    job: CalibrationJob, method: CacheMethod, directory: Path | None = None
-) -> list[Trajectory]:
+def accelerated_trajectories(job: CalibrationJob, method: CacheMethod, directory: Path) -> list[Trajectory]:
     """One full-compute-labelled trajectory per calibration prompt, along the accelerated sampler."""
     acc, adapter, pipe, transformer = job.accelerator, job.adapter, job.pipe, job.transformer
     final = adapter.blocks(transformer)[-1]
-    directory = Path(directory or tempfile.mkdtemp(prefix="lbridge-resimulate-"))
+    directory.mkdir(parents=True, exist_ok=True)
     trajectories = []
     for prompt in job.prompts:
         # Registered before `attach`, so lbridge's context hook (outermost) has set the step already.

@@ -13,6 +13,7 @@ trajectory while collecting and by one batch while training.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Iterator
@@ -34,10 +35,19 @@ FORMAT = 2  # 2: conditioning arguments recorded (format 1 had inputs and output
 CONDITION = "cond."
 
 
+@functools.cache
+def _forward_signature(block_class: type) -> inspect.Signature:
+    # Per class, once: `inspect.signature` costs far more than binding, and this runs at every call of
+    # the final block (a CACHED step's hot path). The class's forward, not the instance's: a hooked
+    # instance's `forward` is diffusers' wrapper.
+    return inspect.signature(block_class.forward)
+
+
 def bind_block_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A block call's arguments by parameter name (positional ones included)."""
-    bound = inspect.signature(block.forward).bind(*args, **kwargs)
-    return dict(bound.arguments)
+    arguments = dict(_forward_signature(type(block)).bind(block, *args, **kwargs).arguments)
+    arguments.pop(next(iter(arguments)))  # `self`
+    return arguments
 
 
 def stream_names(block: torch.nn.Module) -> tuple[str, str | None]:

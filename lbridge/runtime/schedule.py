@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from lbridge.errors import LbridgeError
@@ -32,8 +33,16 @@ class Schedule:
         return len(self.full) - self.num_full
 
     def last_full(self, step: int) -> int:
-        """The most recent FULL step at or before `step`."""
-        return max(s for s in range(step + 1) if self.full[s])
+        """The most recent FULL step at or before `step` (a lookup: asked at every CACHED call)."""
+        return self._last_full[step]
+
+    @functools.cached_property
+    def _last_full(self) -> tuple[int, ...]:
+        table, last = [], 0
+        for step, full in enumerate(self.full):
+            last = step if full else last
+            table.append(last)
+        return tuple(table)
 
     def flops_ratio(self, full_flops: float, cached_flops: float) -> float:
         return len(self) * full_flops / (self.num_full * full_flops + self.num_cached * cached_flops)
