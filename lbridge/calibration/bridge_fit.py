@@ -67,6 +67,11 @@ def fit_bridge(method: LearniBridge, job: CalibrationJob) -> dict[str, Any]:
             report["rounds"].append(_fit_adapters(method, bridge, loader, pairs, options, space, transformer))
     report["seconds"] = time.perf_counter() - start
     report["options"] = options
+    report["summary"] = [
+        f"round {i} {name}: {fit['pairs']} pairs, train MSE {fit['mse_before']:.3g} -> {fit['mse_after']:.3g}"
+        for i, fits in enumerate(report["rounds"])
+        for name, fit in fits.items()
+    ]
     return report
 
 

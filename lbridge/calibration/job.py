@@ -44,12 +44,19 @@ class CalibrationJob:
         return self.cfg.method.get("calibration", {}).get(key, default)
 
 
-def read_calibration(directory: Path, method: str) -> dict[str, Any]:
-    """An artifact's metadata; a clear error naming the command to run when there is none."""
+def read_calibration(directory: Path, method: str, schedule: Schedule | None = None) -> dict[str, Any]:
+    """An artifact's metadata; a clear error naming the command to run when there is none, or when
+    it was calibrated for another schedule than `schedule`."""
     path = directory / METADATA
     if not path.is_file():
         raise LbridgeError(
             f"no {method} calibration at {directory}: run `lbridge calibrate` with the same model, "
             "method, ratio and schedule first"
         )
-    return json.loads(path.read_text())
+    metadata = json.loads(path.read_text())
+    if schedule is not None and metadata.get("schedule") != str(schedule):
+        raise LbridgeError(
+            f"{directory} was calibrated for schedule {metadata.get('schedule')}, not {schedule}: "
+            "calibrate again with the same model, ratio and schedule"
+        )
+    return metadata

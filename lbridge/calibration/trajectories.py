@@ -69,6 +69,25 @@ def block_hidden_output(block: torch.nn.Module, output: Any) -> torch.Tensor:
     return output[meta.return_hidden_states_index]
 
 
+def output_streams(output: Any) -> tuple[torch.Tensor, ...]:
+    """A block's output as a tuple of streams (in the block's own output order)."""
+    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
+
+
+def recorded_output(
+    trajectory: Trajectory, block: torch.nn.Module, branch: str, step: int
+) -> tuple[torch.Tensor, ...]:
+    """The recorded output of the final block at (branch, step), in the block's output order."""
+    meta = TransformerBlockRegistry.get(block.__class__)
+    hidden = trajectory.feature(branch, step, "output.hidden")
+    if meta.return_encoder_hidden_states_index is None:
+        return (hidden,)
+    streams: list[torch.Tensor | None] = [None, None]
+    streams[meta.return_hidden_states_index] = hidden
+    streams[meta.return_encoder_hidden_states_index] = trajectory.feature(branch, step, "output.encoder")
+    return tuple(streams)
+
+
 def flatten_condition(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """`temb` -> ('temb', t); a tuple `image_rotary_emb` -> ('image_rotary_emb.0', cos), (...1, sin)."""
     if value is None:

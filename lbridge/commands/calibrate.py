@@ -68,8 +68,6 @@ def run(cfg: DictConfig) -> Path:
         f"{out}: calibrated {cfg.method.name} for schedule {acc.schedule} "
         f"(FLOPs ratio {acc.flops_ratio:.2f}x) on {len(prompts)} prompts in {wall:.1f} s"
     )
-    for round_index, fits in enumerate(report.get("rounds", [])):
-        for name, fit in fits.items():
-            mse = f"{fit['mse_before']:.3g} -> {fit['mse_after']:.3g}"
-            print(f"  round {round_index} {name}: {fit['pairs']} pairs, train MSE {mse}")
+    for line in report.get("summary", []):
+        print(f"  {line}")
     return out

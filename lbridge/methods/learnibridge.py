@@ -191,12 +191,7 @@ class LearniBridge(CacheMethod):
 
     def load_calibration(self, directory: Path, transformer: torch.nn.Module, schedule: Schedule) -> None:
         """Load the adapters `lbridge calibrate` wrote for this schedule into the bridge."""
-        metadata = read_calibration(directory, self.name)
-        if metadata["schedule"] != str(schedule):
-            raise LbridgeError(
-                f"{directory} was calibrated for schedule {metadata['schedule']}, not {schedule}: "
-                "calibrate again with the same model, ratio and schedule"
-            )
+        metadata = read_calibration(directory, self.name, schedule)
         final = _final_block(self, transformer)
         bridge, path = self.bridge(transformer, final)
         for name, file in metadata["adapters"].items():

@@ -36,6 +36,10 @@ class Schedule:
         """The most recent FULL step at or before `step` (a lookup: asked at every CACHED call)."""
         return self._last_full[step]
 
+    def full_history(self, step: int, count: int) -> list[int]:
+        """The last `count` FULL steps at or before `step`, most recent first (what forecasts read)."""
+        return [f for f in range(step, -1, -1) if self.full[f]][:count]
+
     @functools.cached_property
     def _last_full(self) -> tuple[int, ...]:
         table, last = [], 0
