@@ -28,7 +28,10 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     "args,message",
     [
         (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: flux, tiny)"),
-        (["sample", "method=magic"], "unknown method 'magic' (accepted: foca, fora, learnibridge, none,"),
+        (
+            ["sample", "method=magic"],
+            "unknown method 'magic' (accepted: foca, fora, l2p, learnibridge, none, taylorseer, tcc)",
+        ),
         (["sample", "-m", "method=fora,magic"], "unknown method 'magic'"),
         (["sample", "ratio=50"], "ratio=50 is above the maximum reachable"),
         (["sample", "ratio=fast"], "ratio=fast: Value 'fast' of type 'str' could not be converted to Float"),

@@ -37,6 +37,9 @@ def accelerate(adapter, pipe, method, ratio, **params):
         ("learnibridge", {}),
         ("foca", {"site": "stack"}),
         ("foca", {"site": "attn_mlp"}),
+        ("l2p", {}),
+        ("tcc", {"base": "taylorseer"}),
+        ("tcc", {"base": "fora", "base_params": {"site": "attn_mlp"}}),
     ],
 )
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(model, method, params, request):

@@ -9,18 +9,23 @@ correct the drift its own errors cause.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.hooks import ModelHook
 
 from lbridge.calibration.job import CalibrationJob
-from lbridge.calibration.trajectories import RecordFinalBlockHook, Trajectory, save_shard
+from lbridge.calibration.trajectories import RecordFinalBlockHook, Trajectory, output_streams, save_shard
 from lbridge.methods.base import CacheMethod
 from lbridge.runtime.context import CacheRuntime, ManualClock
 from lbridge.runtime.hooks import register, remove_all
 from lbridge.runtime.schedule import Schedule
+
+if TYPE_CHECKING:
+    from lbridge.api import Accelerator
 
 KEEPER = "lbridge.resimulate.keep"
 RECORDER = "lbridge.resimulate.record"
@@ -35,43 +40,40 @@ def _detached(value: Any) -> Any:
 
 
 class KeepCallsHook(ModelHook):
-    """Innermost on the transformer: keeps (branch, step, args, kwargs) of every call."""
+    """Innermost on the transformer: keeps (branch, step, args, kwargs) of every call (of `steps`)."""
 
-    def __init__(self, runtime: CacheRuntime) -> None:
+    def __init__(self, runtime: CacheRuntime, steps: set[int] | None = None) -> None:
         super().__init__()
-        self.runtime = runtime
+        self.runtime, self.steps = runtime, steps
         self.calls: list[tuple[str, int, tuple, dict]] = []
 
     def pre_forward(self, module, *args, **kwargs):
-        self.calls.append((self.runtime.branch, self.runtime.step, _detached(args), _detached(kwargs)))
+        if self.steps is None or self.runtime.step in self.steps:
+            self.calls.append((self.runtime.branch, self.runtime.step, _detached(args), _detached(kwargs)))
         return args, kwargs
 
 
-def accelerated_trajectories(job: CalibrationJob, method: CacheMethod, directory: Path) -> list[Trajectory]:
-    """One full-compute-labelled trajectory per calibration prompt, along the accelerated sampler."""
-    acc, adapter, pipe, transformer = job.accelerator, job.adapter, job.pipe, job.transformer
-    final = adapter.blocks(transformer)[-1]
-    directory.mkdir(parents=True, exist_ok=True)
-    trajectories = []
-    for prompt in job.prompts:
-        # Registered before `attach`, so lbridge's context hook (outermost) has set the step already.
-        keeper = register(transformer, KeepCallsHook(acc.runtime), KEEPER)
-        acc.attach()
-        acc.reset()
-        try:
-            with torch.no_grad():
-                adapter.generate(pipe, prompt.text, prompt.seed)
-        finally:
-            acc.remove()
-            remove_all(transformer, [KEEPER])
-        trajectories.append(_replay(keeper.calls, transformer, final, len(acc.schedule), directory, prompt))
-    return trajectories
+@contextmanager
+def keeping_calls(acc: Accelerator, steps: set[int] | None = None) -> Iterator[KeepCallsHook]:
+    """Attach `acc`'s method for one accelerated run and keep its transformer calls (then detach)."""
+    # Registered before `attach`, so lbridge's context hook (outermost) has set the step already.
+    keeper = register(acc.transformer, KeepCallsHook(acc.runtime, steps), KEEPER)
+    acc.attach()
+    acc.reset()
+    try:
+        yield keeper
+    finally:
+        acc.remove()
+        remove_all(acc.transformer, [KEEPER])
 
 
-def _replay(calls, transformer, final, steps: int, directory: Path, prompt) -> Trajectory:
+def replay(
+    calls, transformer: torch.nn.Module, recorder: ModelHook, final: torch.nn.Module, steps: int
+) -> None:
+    """Run kept calls again with full compute (no lbridge method attached), `recorder` on the final block."""
     runtime = CacheRuntime(ManualClock(steps), Schedule.all_full(steps))
-    dtype = next(final.parameters()).dtype
-    recorder = register(final, RecordFinalBlockHook(runtime, final, dtype), RECORDER)
+    recorder.runtime = runtime
+    register(final, recorder, RECORDER)
     try:
         with torch.no_grad():
             for branch, step, args, kwargs in calls:
@@ -80,5 +82,35 @@ def _replay(calls, transformer, final, steps: int, directory: Path, prompt) -> T
                 transformer(*args, **kwargs)
     finally:
         remove_all(transformer, [RECORDER])
-    name = save_shard(directory, prompt.index, recorder.tensors)
-    return Trajectory(directory / name, prompt.text, prompt.seed)
+
+
+def accelerated_trajectories(job: CalibrationJob, method: CacheMethod, directory: Path) -> list[Trajectory]:
+    """One full-compute-labelled trajectory per calibration prompt, along the accelerated sampler."""
+    acc, adapter, pipe, transformer = job.accelerator, job.adapter, job.pipe, job.transformer
+    final = adapter.blocks(transformer)[-1]
+    dtype = next(final.parameters()).dtype
+    directory.mkdir(parents=True, exist_ok=True)
+    trajectories = []
+    for prompt in job.prompts:
+        with keeping_calls(acc) as keeper, torch.no_grad():
+            adapter.generate(pipe, prompt.text, prompt.seed)
+        recorder = RecordFinalBlockHook(acc.runtime, final, dtype)
+        replay(keeper.calls, transformer, recorder, final, len(acc.schedule))
+        name = save_shard(directory, prompt.index, recorder.tensors)
+        trajectories.append(Trajectory(directory / name, prompt.text, prompt.seed))
+    return trajectories
+
+
+class CaptureOutputHook(ModelHook):
+    """Keeps the final block's output streams per (branch, step) of a replay: full compute at the
+    states the accelerated sampler visited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runtime: CacheRuntime | None = None  # set by `replay`
+        self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.outputs[(self.runtime.branch, self.runtime.step)] = output_streams(output)
+        return output

@@ -6,8 +6,10 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
-from lbridge.config import group_options, load_option
+from lbridge.config import CONF_DIR, group_options, load_option
 from lbridge.runtime.hooks import ModelHook, register, remove_all
 
 if TYPE_CHECKING:
@@ -58,6 +60,11 @@ class CacheMethod(ABC):
 
 def available_methods() -> list[str]:
     return group_options("method")
+
+
+def method_class(name: str) -> type[CacheMethod]:
+    """The class `conf/method/<name>.yaml` names, without instantiating it."""
+    return get_class(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml")["_target_"])
 
 
 def load_method(name: str, **params: Any) -> CacheMethod:
