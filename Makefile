@@ -9,7 +9,7 @@ DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
 
-.PHONY: install demo learnibridge-results test lint format tiny-model clean
+.PHONY: install demo learnibridge-results calibrated-results test lint format tiny-model clean
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +31,11 @@ demo: install
 learnibridge-results: install
 	$(BIN)/python scripts/learnibridge_results.py
 	$(LBRIDGE) analyze model=tiny ratio=1 schedule.interval=3 out=results/tiny/learnibridge_analysis
+
+# L2P, TCC (naive and iterative, on FORA and TaylorSeer) and LearniBridge vs their bases at ratios
+# 2-6 -> results/tiny/calibrated.{csv,md}, calibrated_pareto.png, tcc_iterative_vs_naive.md (~10 min).
+calibrated-results: install
+	$(BIN)/python scripts/calibrated_results.py
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

@@ -11,15 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-from hydra import compose, initialize_config_dir
-
 from lbridge.cli import quiet_libraries
-from lbridge.commands import calibrate, sample
-from lbridge.commands import eval as evaluate
-from lbridge.config import CONF_DIR
-from lbridge.errors import LbridgeError
-from lbridge.runs import calibration_dir, sample_dir
+from lbridge.experiment import run_row, write_table
+from lbridge.runs import calibration_dir
 
 OUT = Path("results/tiny")
 BASE = ["model=tiny", "num_prompts=20", "output_root=outputs"]
@@ -35,41 +29,19 @@ LEARNIBRIDGE = ("learnibridge", ["method=learnibridge"])
 def run(label: str, overrides: list[str]) -> dict:
     if not any(o.startswith("method=") for o in overrides):
         overrides = [f"method={label}", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("sample", [*BASE, *overrides])
-    row = {"method": label, "overrides": " ".join(o for o in overrides if not o.startswith("method="))}
-    try:
-        if cfg.method.name == "learnibridge":
-            calibrate.run(cfg)
-        sample.run(cfg)
-        evaluate.run(cfg)
-    except LbridgeError as err:  # e.g. a ratio above what the method can reach on this model
-        print(f"{label} {overrides}: {err}", file=sys.stderr)
-        return {**row, "note": str(err).split(";")[0]}
-    metrics = json.loads((sample_dir(cfg) / "metrics.json").read_text())
-    row.update(
-        {k: metrics[k] for k in ("flops_speedup", "latency_speedup", "psnr", "ssim", "digit_accuracy")}
-    )
-    row["schedule"] = metrics["schedule"]
-    if cfg.method.name == "learnibridge":
-        fit = json.loads((calibration_dir(cfg) / "calibration.json").read_text())
-        last = fit["fit"]["rounds"][-1]
-        row["calibrate_s"] = fit["wall_s"]
-        row["train_mse_before"] = sum(f["mse_before"] * f["pairs"] for f in last.values()) / sum(
-            f["pairs"] for f in last.values()
-        )
-        row["train_mse_after"] = sum(f["mse_after"] * f["pairs"] for f in last.values()) / sum(
-            f["pairs"] for f in last.values()
-        )
+    row, cfg = run_row(label, [*BASE, *overrides])
+    row["overrides"] = " ".join(o for o in overrides if not o.startswith("method="))
+    if cfg.method.name == "learnibridge" and "note" not in row:
+        last = json.loads((calibration_dir(cfg) / "calibration.json").read_text())["fit"]["rounds"][-1]
+        pairs = sum(f["pairs"] for f in last.values())
+        row["train_mse_before"] = sum(f["mse_before"] * f["pairs"] for f in last.values()) / pairs
+        row["train_mse_after"] = sum(f["mse_after"] * f["pairs"] for f in last.values()) / pairs
     return row
 
 
 def write(name: str, rows: list[dict], caption: str) -> None:
-    table = pd.DataFrame(rows)
-    table.to_csv(OUT / f"{name}.csv", index=False, float_format="%.4f")
-    text = caption + "\n\nRegenerate: `make learnibridge-results` (scripts/learnibridge_results.py).\n\n"
-    (OUT / f"{name}.md").write_text(text + table.to_markdown(index=False, floatfmt=".3f") + "\n")
-    print(table.to_string())
+    regenerate = "`make learnibridge-results` (scripts/learnibridge_results.py)."
+    write_table(OUT, name, rows, caption, regenerate)
 
 
 def quality() -> None:
