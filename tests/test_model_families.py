@@ -196,3 +196,9 @@ def test_video_samples_are_tiled_frames_that_the_metrics_compare(tmp_path):
     assert record["file"] == "00007.png" and record["frames"] == 5 and (tmp_path / record["video"]).exists()
     stored = Image.open(tmp_path / record["file"])
     assert psnr(stored, grid) == float("inf") and ssim(stored, grid) == pytest.approx(1.0)
+
+
+def test_imagenet_prompts_cycle_class_ids():
+    from lbridge.prompts.readers import ClassIdPrompts
+
+    assert ClassIdPrompts(num_classes=3, offset=1).texts(4) == ["1", "2", "0", "1"]
