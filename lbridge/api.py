@@ -13,6 +13,7 @@ on those inputs and solves the schedule that reaches the ratio.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +189,8 @@ def accelerate(
         method = load_method(method, **(method_params or {}))
     if adapter is None:
         adapter = adapter_for(pipe.transformer)(name=type(pipe).__name__)
-    call.setdefault("prompt", "a photo")
+    if "prompt" in inspect.signature(pipe.__call__).parameters:  # not DiT: it takes class_labels
+        call.setdefault("prompt", "a photo")
     accelerator = Accelerator(pipe, method, adapter)
     accelerator.plan(ratio, call, warmup=warmup, spacing=spacing, interval=interval)
     return accelerator.attach()

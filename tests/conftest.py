@@ -32,3 +32,25 @@ def random_flux():
     pipe = adapter.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return adapter, pipe
+
+
+#: Each new model family at toy size (same diffusers classes as the real model), 4 steps.
+FAMILIES = {
+    "hunyuan_video": dict(height=16, width=16, num_frames=5, max_sequence_length=8),
+    "wan21_1_3b": dict(height=32, width=32, num_frames=5, max_sequence_length=8),
+    "qwen_image": dict(height=32, width=32, max_sequence_length=16),
+    "pixart_alpha": dict(height=32, width=32, max_sequence_length=16),
+    "dit_xl_2": dict(),
+}
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def random_family(request):
+    """(name, adapter, pipeline) of one family's tiny random-weight pipeline, float32 on CPU."""
+    name = request.param
+    adapter = load_adapter(
+        name, random_weights=True, dtype="float32", device="cpu", num_inference_steps=4, **FAMILIES[name]
+    )
+    pipe = adapter.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return name, adapter, pipe

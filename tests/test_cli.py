@@ -27,7 +27,7 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: flux, tiny)"),
+        (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: dit_xl_2, flux, hunyuan_video,"),
         (
             ["sample", "method=magic"],
             "unknown method 'magic' (accepted: foca, fora, l2p, learnibridge, none, taylorseer, tcc)",
@@ -121,3 +121,20 @@ def test_hydra_flags_pass_through(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ratio: 3" in result.stdout and "_target_: lbridge.methods.fora.Fora" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_video_model_samples_and_evaluates_from_the_command_line(tmp_path):
+    # A tiny random-weight Wan2.1 pipeline: each video is stored as tiled frames (PNG) plus a video file.
+    model = ["model=wan21_1_3b", "model.random_weights=true", "model.device=cpu", "model.dtype=float32",
+             "model.height=32", "model.width=32", "model.num_frames=5", "model.num_inference_steps=4",
+             "model.max_sequence_length=8", "method=fora", "schedule.interval=2",
+             "num_prompts=2"]  # fmt: skip
+    assert lbridge("sample", "timing.warmup_runs=0", *model, cwd=tmp_path).returncode == 0
+    result = lbridge("eval", *model, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / "outputs" / "sample" / "wan21_1_3b").glob("fora-*")
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in records] == [5, 5] and all((run / r["video"]).exists() for r in records)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 0

@@ -22,7 +22,8 @@ def test_flux_with_a_missing_local_path_names_it(tmp_path):
 
 
 def test_unknown_model_lists_the_accepted_ones():
-    with pytest.raises(LbridgeError, match=r"unknown model 'sdxl' \(accepted: flux, tiny\)"):
+    accepted = "dit_xl_2, flux, hunyuan_video, pixart_alpha, qwen_image, tiny, wan21_14b, wan21_1_3b"
+    with pytest.raises(LbridgeError, match=rf"unknown model 'sdxl' \(accepted: {accepted}\)"):
         load_adapter("sdxl")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +13,8 @@ from tqdm import tqdm
 
 from lbridge.api import Accelerator
 from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
-from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
+from lbridge.io import append_jsonl, read_jsonl
+from lbridge.media import write_sample
 from lbridge.models.base import ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
 from lbridge.runs import calibration_dir, open_run, reference_method, sample_dir, sample_key
@@ -49,15 +49,13 @@ def generate_run(
         acc.reset()
         _sync(adapter.device)
         start = time.perf_counter()
-        image = adapter.generate(acc.pipe, prompt.text, prompt.seed)
+        sample = adapter.generate(acc.pipe, prompt.text, prompt.seed)
         _sync(adapter.device)
         latency = time.perf_counter() - start
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        file = f"{prompt.index:05d}.png"
-        atomic_write_bytes(run / file, buffer.getvalue())
+        # Video adapters carry a frame rate; it only sets the playback speed of the video file.
+        files = write_sample(run, prompt.index, sample, fps=getattr(adapter, "fps", 16))
         record = {
-            "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, "file": file,
+            "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, **files,
             "latency_s": latency, "flops": acc.sample_flops(), "schedule": str(acc.schedule),
             "device": str(adapter.device), "process": PROCESS,
         }  # fmt: skip

@@ -36,7 +36,7 @@ def plan(pipe: Any, adapter: ModelAdapter, method: CacheMethod, cfg: DictConfig,
     accelerator = Accelerator(pipe, method, adapter)
     accelerator.plan(
         target_ratio(cfg),
-        {"prompt": prompt, **adapter.pipeline_kwargs()},
+        {**adapter.prompt_kwargs(pipe, prompt), **adapter.pipeline_kwargs()},
         warmup=int(cfg.schedule.warmup),
         spacing=str(cfg.schedule.spacing),
         interval=cfg.schedule.interval,

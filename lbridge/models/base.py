@@ -14,6 +14,9 @@ from PIL import Image
 from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
 
+#: What `generate` returns: an image, or the frames of a video in order.
+Sample = Image.Image | list[Image.Image]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,12 +90,18 @@ class ModelAdapter:
             kwargs.update(height=self.height, width=self.width)
         return kwargs
 
+    def prompt_kwargs(self, pipe: DiffusionPipeline, prompt: str) -> dict[str, Any]:
+        """The pipeline arguments that carry one prompt (class-conditional models map it to a label)."""
+        return {"prompt": prompt}
+
     def generator(self, seed: int) -> torch.Generator:
         # CPU generators make the initial noise identical across devices for the same seed.
         return torch.Generator("cpu").manual_seed(seed)
 
-    def generate(self, pipe: DiffusionPipeline, prompt: str, seed: int) -> Image.Image:
-        return pipe(prompt, generator=self.generator(seed), **self.pipeline_kwargs()).images[0]
+    def generate(self, pipe: DiffusionPipeline, prompt: str, seed: int) -> Sample:
+        """One sample: an image, or a video's frames (video adapters)."""
+        kwargs = self.prompt_kwargs(pipe, prompt)
+        return pipe(**kwargs, generator=self.generator(seed), **self.pipeline_kwargs()).images[0]
 
     # -- structure ---------------------------------------------------------------------------
     @staticmethod

@@ -14,6 +14,7 @@ from diffusers import (
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
 from lbridge.models.base import ModelAdapter
+from lbridge.models.offline import word_tokenizer
 
 
 class FluxAdapter(ModelAdapter):
@@ -51,19 +52,6 @@ class FluxAdapter(ModelAdapter):
         return [block.attn, block.ff, block.ff_context]
 
 
-def _word_tokenizer(max_length: int):
-    """An offline word-level tokenizer with the call interface FluxPipeline uses (no hub files)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "<pad> <unk> a an the of and with in on red blue green cat dog car photo".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", model_max_length=max_length
-    )
-
-
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:
     """A FluxPipeline of tiny random components, built offline: same classes and code path as FLUX."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -92,8 +80,8 @@ def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=clip,
-        tokenizer=_word_tokenizer(77),
+        tokenizer=word_tokenizer(77),
         text_encoder_2=t5,
-        tokenizer_2=_word_tokenizer(16),
+        tokenizer_2=word_tokenizer(16),
         transformer=transformer,
     )

@@ -52,3 +52,18 @@ def load_prompts(cfg: DictConfig, num_prompts: int, seed: int) -> list[Prompt]:
         raise LbridgeError(f"num_prompts={num_prompts} must be >= 1")
     texts = instantiate(cfg).texts(int(num_prompts))
     return [Prompt(i, text, int(seed) + i) for i, text in enumerate(texts)]
+
+
+class ClassIdPrompts:
+    """Class ids as prompts for class-conditional models (DiT on ImageNet): '0', '1', ... cycling.
+
+    Cycling through all classes is the FID-50k protocol's class balance (50 samples per class).
+    """
+
+    def __init__(self, name: str = "imagenet", num_classes: int = 1000, offset: int = 0) -> None:
+        if int(num_classes) < 1:
+            raise LbridgeError(f"prompts.num_classes={num_classes} must be >= 1")
+        self.num_classes, self.offset = int(num_classes), int(offset)
+
+    def texts(self, count: int) -> list[str]:
+        return [str((self.offset + i) % self.num_classes) for i in range(count)]

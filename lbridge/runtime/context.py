@@ -27,21 +27,38 @@ class SchedulerClock:
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
 
-    def context(self, branch: str) -> CacheContext:
+    def context(self, branch: str, timestep: torch.Tensor | None = None) -> CacheContext:
         timesteps = self.scheduler.timesteps
         if timesteps is None or len(timesteps) == 0:
             raise LbridgeError(
                 "the scheduler has no timesteps yet: call lbridge hooks from inside a pipeline"
             )
-        # `step_index` is None until the first `scheduler.step()`; the pipelines set begin_index=0.
-        step = self.scheduler.step_index
-        if step is None:
-            step = self.scheduler.begin_index or 0
+        if hasattr(self.scheduler, "step_index"):
+            # `step_index` is None until the first `scheduler.step()`; the pipelines set begin_index=0.
+            step = self.scheduler.step_index
+            if step is None:
+                step = getattr(self.scheduler, "begin_index", None) or 0
+        else:  # DDPM/DDIM keep no step counter: the call's timestep is the clock
+            step = _index_of(timesteps, timestep, type(self.scheduler).__name__)
         sigmas = getattr(self.scheduler, "sigmas", None)
         sigma = sigmas[step] if sigmas is not None else None
         if isinstance(sigma, torch.Tensor) and sigma.device.type == "cpu":
             sigma = float(sigma)  # never `float()` a GPU tensor here: a host sync on every call
         return CacheContext(branch, step, len(timesteps), timesteps[step], sigma)
+
+
+def _index_of(timesteps: torch.Tensor, timestep: torch.Tensor | None, scheduler: str) -> int:
+    """The position of a transformer call's timestep in the schedule (one host sync per call)."""
+    if timestep is None:
+        raise LbridgeError(
+            f"{scheduler} has no step_index and the transformer call passed no `timestep`: "
+            "lbridge cannot tell the step"
+        )
+    value = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+    matches = (timesteps == value).nonzero()
+    if len(matches) == 0:
+        raise LbridgeError(f"timestep {float(value)} is not in the {scheduler} schedule")
+    return int(matches[0])
 
 
 class ManualClock:
@@ -50,7 +67,7 @@ class ManualClock:
     def __init__(self, num_steps: int, step: int = 0) -> None:
         self.num_steps, self.step = num_steps, step
 
-    def context(self, branch: str) -> CacheContext:
+    def context(self, branch: str, timestep: torch.Tensor | None = None) -> CacheContext:
         return CacheContext(branch, self.step, self.num_steps, None, None)
 
 
@@ -64,8 +81,12 @@ class CacheRuntime:
     full_calls: int = 0
     cached_calls: int = 0
 
+    #: The current transformer call's `timestep` argument, set by the context hook before `enter_call`:
+    #: the clock of a scheduler without `step_index` reads the step from it.
+    call_timestep: torch.Tensor | None = None
+
     def enter_call(self, branch: str | None) -> CacheContext:
-        context = self.clock.context(branch or DEFAULT_BRANCH)
+        context = self.clock.context(branch or DEFAULT_BRANCH, self.call_timestep)
         if context.num_inference_steps != len(self.schedule):
             raise LbridgeError(
                 f"the pipeline runs {context.num_inference_steps} steps but the lbridge schedule has "

@@ -1,0 +1,204 @@
+"""Every model family through lbridge: discovery, final block, methods, bit-identity, head, offline errors.
+
+Each family runs as a tiny random-weight pipeline of its real diffusers classes (conftest `FAMILIES`).
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES
+from PIL import Image
+
+import lbridge
+from lbridge.calibration.trajectories import bind_block_arguments, block_hidden_output
+from lbridge.errors import LbridgeError
+from lbridge.media import tile_frames, write_sample
+from lbridge.methods.base import available_methods
+from lbridge.metrics.reference import psnr, ssim
+from lbridge.models import adapter_for, load_adapter
+from lbridge.runtime.hooks import ModelHook, register, remove_all
+
+FINAL_BLOCK = {
+    "hunyuan_video": lambda t: t.single_transformer_blocks[-1],
+    "wan21_1_3b": lambda t: t.blocks[-1],
+    "qwen_image": lambda t: t.transformer_blocks[-1],
+    "pixart_alpha": lambda t: t.transformer_blocks[-1],
+    "dit_xl_2": lambda t: t.transformer_blocks[-1],
+}
+HUB_IDS = {
+    "hunyuan_video": "hunyuanvideo-community/HunyuanVideo",
+    "wan21_1_3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "wan21_14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "qwen_image": "Qwen/Qwen-Image",
+    "pixart_alpha": "PixArt-alpha/PixArt-XL-2-1024-MS",
+    "dit_xl_2": "facebook/DiT-XL-2-256",
+}
+WITH_HEAD = {"hunyuan_video", "qwen_image", "dit_xl_2"}  # the others' head needs values blocks never see
+PROMPT = {"dit_xl_2": "goldfish"}  # DiT is class-conditional
+
+
+def prompt_of(name: str) -> str:
+    return PROMPT.get(name, "a red cat")
+
+
+def raw(adapter, pipe, name: str, seed: int = 0) -> np.ndarray:
+    """The pipeline's output as an array (images, or a video's frames), same seed every call."""
+    torch.manual_seed(seed)  # DDPM-style schedulers draw step noise from the global RNG
+    kwargs = {
+        **adapter.prompt_kwargs(pipe, prompt_of(name)),
+        **adapter.pipeline_kwargs(),
+        "output_type": "np",
+    }
+    out = pipe(**kwargs, generator=adapter.generator(seed))
+    return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+
+def accelerate(adapter, pipe, name, method, ratio=1.0, interval=None, **params):
+    call = {**adapter.prompt_kwargs(pipe, prompt_of(name)), **adapter.pipeline_kwargs()}
+    return lbridge.accelerate(
+        pipe, method, ratio, adapter=adapter, interval=interval, method_params=params, **call
+    )
+
+
+def test_adapter_is_discovered_and_final_block_is_documented(random_family):
+    name, adapter, pipe = random_family
+    assert adapter_for(pipe.transformer) is type(adapter)
+    blocks = adapter.blocks(pipe.transformer)
+    assert blocks[-1] is FINAL_BLOCK[name](pipe.transformer)
+    assert all(adapter.attn_mlp_sites(block) for block in blocks)
+
+
+METHODS = [(m, {}) for m in available_methods()] + [("fora", {"site": "attn_mlp"})]
+
+
+@pytest.mark.parametrize("method,params", METHODS, ids=[f"{m}-{p.get('site', '')}" for m, p in METHODS])
+def test_every_method_generates_an_output_of_the_reference_shape(random_family, method, params):
+    # learnibridge runs uncalibrated here (zero-initialised LoRA = the final block on the stale input).
+    name, adapter, pipe = random_family
+    reference = raw(adapter, pipe, name)
+    acc = accelerate(adapter, pipe, name, method, interval=2, **params)  # F C F C
+    try:
+        accelerated = raw(adapter, pipe, name)
+        cached_calls = acc.runtime.cached_calls
+    finally:
+        acc.remove()
+    assert accelerated.shape == reference.shape and np.isfinite(accelerated).all()
+    schedule = acc.schedule
+    assert (method == "none") == (schedule.num_full == len(schedule))
+    assert cached_calls == (len(schedule) - schedule.num_full) * calls_per_step(name)
+
+
+def calls_per_step(name: str) -> int:
+    """Transformer calls per step: CFG as two named calls (Wan, Qwen) or one batched/distilled call."""
+    return 2 if name in ("wan21_1_3b", "qwen_image") else 1
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"}),
+     ("taylorseer", {"site": "attn_mlp"}), ("foca", {"site": "stack"}), ("learnibridge", {})],
+)  # fmt: skip
+def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(random_family, method, params):
+    name, adapter, pipe = random_family
+    plain = raw(adapter, pipe, name)
+    acc = accelerate(adapter, pipe, name, method, 1.0, **params)
+    try:
+        assert str(acc.schedule) == "F" * len(acc.schedule)
+        hooked = raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+    assert np.array_equal(plain, hooked)
+
+
+def test_context_follows_the_scheduler_with_the_pipelines_branches(random_family):
+    name, adapter, pipe = random_family
+    acc = accelerate(adapter, pipe, name, "fora", interval=2)
+    seen = []
+    original = acc.runtime.enter_call
+
+    def spy(branch):
+        context = original(branch)
+        seen.append((context.name, context.step_index))
+        return context
+
+    acc.runtime.enter_call = spy
+    try:
+        raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+    steps = range(len(acc.schedule))
+    # PixArt and DiT batch CFG into one unnamed call (branch `default`); DiT's DDIM has no step_index.
+    branches = {"wan21_1_3b": ["cond", "uncond"], "qwen_image": ["cond", "uncond"], "hunyuan_video": ["cond"]}
+    assert seen == [(b, s) for s in steps for b in branches.get(name, ["default"])]
+
+
+class _Record(ModelHook):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def new_forward(self, module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.calls.append((bind_block_arguments(module, args, kwargs), block_hidden_output(module, output)))
+        return output
+
+
+def test_head_reproduces_the_transformer_output_from_the_final_block(random_family):
+    name, adapter, pipe = random_family
+    final = adapter.blocks(pipe.transformer)[-1]
+    if name not in WITH_HEAD:
+        with pytest.raises(LbridgeError, match="does not define its head"):
+            adapter.head(pipe.transformer, torch.zeros(1), {})
+        return
+    record = register(final, _Record(), "test.record")
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+    try:
+        raw(adapter, pipe, name)
+    finally:
+        handle.remove()
+        remove_all(pipe.transformer, ["test.record"])
+    with torch.no_grad():
+        arguments, hidden = record.calls[-1]
+        head = adapter.head(pipe.transformer, hidden, arguments)
+    # The head works on tokens, the transformer returns unpatchified latents: the same numbers, reordered.
+    expected = outputs[-1]
+    assert head.numel() == expected.numel()
+    torch.testing.assert_close(head.flatten().sort().values, expected.flatten().sort().values)
+
+
+@pytest.mark.parametrize("name", list(HUB_IDS))
+def test_without_weights_offline_the_error_names_model_path(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LbridgeError, match="model.path") as err:
+        load_adapter(name, device="cpu").load_pipeline()
+    assert HUB_IDS[name] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_random_weights_configs_cover_every_family():
+    assert set(FAMILIES) | {"wan21_14b"} == set(HUB_IDS)
+
+
+def test_dit_prompt_is_a_class_id_or_name():
+    adapter = load_adapter("dit_xl_2", random_weights=True, dtype="float32", device="cpu")
+    pipe = adapter.load_pipeline()
+    assert adapter.prompt_kwargs(pipe, "3") == {"class_labels": [3]}
+    assert adapter.prompt_kwargs(pipe, "goldfish") == {"class_labels": [1]}
+    with pytest.raises(LbridgeError, match=r"'a red cat' is not a class \(accepted: an integer 0..999"):
+        adapter.prompt_kwargs(pipe, "a red cat")
+
+
+def test_video_samples_are_tiled_frames_that_the_metrics_compare(tmp_path):
+    frames = [Image.new("RGB", (8, 6), (10 * i, 0, 0)) for i in range(5)]
+    grid = tile_frames(frames)
+    assert grid.size == (3 * 8, 2 * 6) and grid.getpixel((8, 0)) == (10, 0, 0)  # frame 1: row 0, column 1
+    record = write_sample(tmp_path, 7, frames, fps=8)
+    assert record["file"] == "00007.png" and record["frames"] == 5 and (tmp_path / record["video"]).exists()
+    stored = Image.open(tmp_path / record["file"])
+    assert psnr(stored, grid) == float("inf") and ssim(stored, grid) == pytest.approx(1.0)
+
+
+def test_imagenet_prompts_cycle_class_ids():
+    from lbridge.prompts.readers import ClassIdPrompts
+
+    assert ClassIdPrompts(num_classes=3, offset=1).texts(4) == ["1", "2", "0", "1"]
