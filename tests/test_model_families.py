@@ -202,3 +202,30 @@ def test_imagenet_prompts_cycle_class_ids():
     from lbridge.prompts.readers import ClassIdPrompts
 
     assert ClassIdPrompts(num_classes=3, offset=1).texts(4) == ["1", "2", "0", "1"]
+
+
+@pytest.mark.parametrize("method", ["l2p", "tcc", "learnibridge"])
+def test_calibrated_methods_calibrate_on_every_family(random_family, method, tmp_path):
+    """collect + calibrate end to end on the family's tiny pipeline (the same one `random_family` built)."""
+    from hydra import compose, initialize_config_dir
+
+    from lbridge.calibration.job import METADATA
+    from lbridge.commands import calibrate
+    from lbridge.config import CONF_DIR
+
+    name, _, pipe = random_family
+    sizes = [f"model.{k}={v}" for k, v in FAMILIES[name].items()]
+    extra = {"learnibridge": ["method.calibration.steps=5", "method.rank=2", "method.alpha=2"]}.get(
+        method, []
+    )
+    if method == "learnibridge" and name not in WITH_HEAD:
+        extra.append("method.loss=block")
+    overrides = [f"model={name}", "model.random_weights=true", "model.dtype=float32", "model.device=cpu",
+                 "model.num_inference_steps=4", *sizes, f"method={method}", "ratio=1", "schedule.interval=2",
+                 "method.calibration.num_prompts=2", f"output_root={tmp_path}", *extra]  # fmt: skip
+    if name == "dit_xl_2":
+        overrides.append("prompts=imagenet")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("calibrate", overrides)
+    out = calibrate.run(cfg)
+    assert (out / METADATA).is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lbridge.calibration.trajectories import Trajectory, block_hidden_output, stream_names
+from lbridge.calibration.trajectories import Trajectory, block_hidden_output, forward_signature, stream_names
 from lbridge.errors import LbridgeError
 from lbridge.runtime.schedule import Schedule
 
@@ -160,11 +161,16 @@ def stale_input(pair: Pair) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _collate(values: list[Any], batch_dim: int) -> Any:
     """Concatenate per-call tensors along the batch; arguments shared by the batch (rotary) are taken once."""
     first = values[0]
+    if first is None:
+        return None
     if isinstance(first, tuple):
         return tuple(_collate([v[i] for v in values], batch_dim) for i in range(len(first)))
     if first.dim() >= 1 and first.shape[0] == batch_dim:
         return torch.cat(values)
     return first
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 class PairLoader:
@@ -175,14 +181,28 @@ class PairLoader:
         parameter = next(bridge.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.input_fn = input_fn
+        # Required arguments that were None at collection are not stored (e.g. Qwen-Image's
+        # `encoder_hidden_states_mask`): pass None again.
+        parameters = list(forward_signature(type(bridge)).parameters.values())[1:]
+        self.required = [p.name for p in parameters if p.default is p.empty and p.kind in _NAMED]
 
     def call(self, pair: Pair) -> dict[str, Any]:
-        arguments = dict(pair.trajectory.condition(pair.branch, pair.step))
+        arguments = dict.fromkeys(self.required)
+        arguments.update(pair.trajectory.condition(pair.branch, pair.step))
         hidden, encoder = self.input_fn(pair)
         arguments[self.hidden_name] = hidden.to(self.dtype)
         if self.encoder_name is not None:
             arguments[self.encoder_name] = encoder.to(self.dtype)
         return arguments
+
+    def same_shape_groups(self, pairs: list[Pair]) -> list[list[Pair]]:
+        """Pairs whose calls can share a batch: same input stream shapes (hence same rotary/masks)."""
+        groups: dict[tuple, list[Pair]] = {}
+        for pair in pairs:
+            names = ("input.hidden", "input.encoder") if self.encoder_name is not None else ("input.hidden",)
+            key = tuple(pair.trajectory.shape(pair.branch, pair.source, n) for n in names)
+            groups.setdefault(key, []).append(pair)
+        return list(groups.values())
 
     def batch(self, pairs: list[Pair]) -> tuple[dict[str, Any], torch.Tensor]:
         calls = [self.call(p) for p in pairs]
@@ -194,6 +214,8 @@ class PairLoader:
 
 
 def _to(value: Any, device: torch.device) -> Any:
+    if value is None:
+        return None
     if isinstance(value, tuple):
         return tuple(v.to(device) for v in value)
     return value.to(device)
@@ -215,9 +237,16 @@ def normed_space(hidden: torch.Tensor, arguments: dict[str, Any]) -> torch.Tenso
 def pair_loss(
     bridge: torch.nn.Module, loader: PairLoader, pairs: list[Pair], space: LossSpace = block_space
 ) -> torch.Tensor:
-    arguments, target = loader.batch(pairs)
-    output = block_hidden_output(bridge, bridge(**arguments))
-    return torch.nn.functional.mse_loss(space(output, arguments).float(), space(target, arguments).float())
+    """MSE over `pairs`, run as one batch per sequence shape (Qwen-Image's text length varies by prompt)."""
+    total = None
+    for group in loader.same_shape_groups(pairs):
+        arguments, target = loader.batch(group)
+        output = block_hidden_output(bridge, bridge(**arguments))
+        loss = torch.nn.functional.mse_loss(
+            space(output, arguments).float(), space(target, arguments).float()
+        )
+        total = loss * len(group) if total is None else total + loss * len(group)
+    return total / len(pairs)
 
 
 @torch.no_grad()

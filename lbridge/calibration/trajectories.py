@@ -36,7 +36,7 @@ CONDITION = "cond."
 
 
 @functools.cache
-def _forward_signature(block_class: type) -> inspect.Signature:
+def forward_signature(block_class: type) -> inspect.Signature:
     # Per class, once: `inspect.signature` costs far more than binding, and this runs at every call of
     # the final block (a CACHED step's hot path). The class's forward, not the instance's: a hooked
     # instance's `forward` is diffusers' wrapper.
@@ -45,7 +45,7 @@ def _forward_signature(block_class: type) -> inspect.Signature:
 
 def bind_block_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A block call's arguments by parameter name (positional ones included)."""
-    arguments = dict(_forward_signature(type(block)).bind(block, *args, **kwargs).arguments)
+    arguments = dict(forward_signature(type(block)).bind(block, *args, **kwargs).arguments)
     arguments.pop(next(iter(arguments)))  # `self`
     return arguments
 
@@ -90,8 +90,8 @@ def recorded_output(
 
 def flatten_condition(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """`temb` -> ('temb', t); a tuple `image_rotary_emb` -> ('image_rotary_emb.0', cos), (...1, sin)."""
-    if value is None:
-        return
+    if value is None or isinstance(value, bool | int | float | str):
+        return  # constants of the call (flags, token counts): nothing a step changes, nothing to store
     if isinstance(value, torch.Tensor):
         yield name, value
     elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
@@ -99,6 +99,8 @@ def flatten_condition(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor
             yield f"{name}.{i}", item
     elif isinstance(value, dict) and not value:
         return
+    elif isinstance(value, tuple | list) and not any(isinstance(v, torch.Tensor) for v in value):
+        return  # e.g. HunyuanVideo's extra positional (None, token count)
     else:
         raise LbridgeError(
             f"cannot record the final block's argument '{name}' of type {type(value).__name__} "
@@ -180,6 +182,13 @@ class Trajectory:
             raise LbridgeError(f"trajectory shard {self.path} has no '{key}': collect it again")
         return self._file.get_tensor(key)
 
+    def shape(self, branch: str, step: int, name: str) -> tuple[int, ...]:
+        """A stored tensor's shape, read from the header (no data loaded)."""
+        key = f"{branch}/{step:03d}/{name}"
+        if key not in self._keys:
+            raise LbridgeError(f"trajectory shard {self.path} has no '{key}': collect it again")
+        return tuple(self._file.get_slice(key).get_shape())
+
     def has(self, branch: str, step: int, name: str) -> bool:
         return f"{branch}/{step:03d}/{name}" in self._keys
 
@@ -236,9 +245,21 @@ def load_trajectories(
 def save_shard(root: Path, index: int, tensors: dict[str, torch.Tensor]) -> str:
     name = f"prompt-{index:05d}.safetensors"
     tmp = root / f".{name}.tmp"
-    save_file(tensors, str(tmp))
+    save_file(_unshared(tensors), str(tmp))
     tmp.replace(root / name)
     return name
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses two keys on one storage (Qwen-Image hands both CFG branches the same rotary
+    table): copy every tensor whose storage an earlier key already uses."""
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        result[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return result
 
 
 def load_shard(root: Path, name: str) -> dict[str, torch.Tensor]:
