@@ -27,12 +27,34 @@ from lbridge.calibration.job import CalibrationJob
 from lbridge.calibration.resimulate import CaptureOutputHook, keeping_calls, replay
 from lbridge.calibration.trajectories import Trajectory, recorded_output
 from lbridge.errors import LbridgeError
+from lbridge.runtime.context import CacheRuntime
+from lbridge.runtime.hooks import ModelHook, register, remove_all
 
 if TYPE_CHECKING:
     from lbridge.methods.tcc import Priors, Tcc
 
 TARGETS = ("local", "reference")
 Features = dict[tuple[str, int], tuple[torch.Tensor, ...]]
+
+
+STOPPER = "lbridge.tcc.stop"
+
+
+class StopSampling(Exception):  # noqa: N818 -- control flow of the calibration runs, never reaches a user
+    """Raised at the first call after the step a calibration run needs: the rest would be wasted."""
+
+
+class StopAfterHook(ModelHook):
+    """On the transformer, for one calibration run: ends it before any block of a later step runs."""
+
+    def __init__(self, runtime: CacheRuntime, stop_after: int) -> None:
+        super().__init__()
+        self.runtime, self.stop_after = runtime, stop_after
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.runtime.step > self.stop_after:
+            raise StopSampling
+        return args, kwargs
 
 
 class DeviationMeans:
@@ -73,23 +95,25 @@ def accelerated_run(
 ) -> tuple[Features, list]:
     """One accelerated run under the current priors: the base's cached features at `steps` (before
     their prior), and the transformer calls of those steps when `keep`."""
-    from lbridge.methods.tcc import StopSampling
-
     cached: Features = {}
 
     def on_cached(branch: str, step: int, streams: tuple[torch.Tensor, ...]) -> None:
         if step in steps:
             cached[(branch, step)] = streams
 
-    method.probe.stop_after, method.probe.on_cached = stop_after, on_cached
+    acc = job.accelerator
+    method.probe.on_cached = on_cached
+    if stop_after is not None:  # registered first, so inside the context hook: the step is set
+        register(acc.transformer, StopAfterHook(acc.runtime, stop_after), STOPPER)
     try:
-        with keeping_calls(job.accelerator, steps if keep else set()) as keeper, torch.no_grad():
+        with keeping_calls(acc, steps if keep else set()) as keeper, torch.no_grad():
             try:
                 job.adapter.generate(job.pipe, prompt.text, prompt.seed)
             except StopSampling:
                 pass
     finally:
         method.probe.clear()
+        remove_all(acc.transformer, [STOPPER])
     return cached, keeper.calls
 
 

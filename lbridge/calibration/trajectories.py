@@ -176,18 +176,18 @@ class Trajectory:
             if name.startswith(CONDITION):
                 self._condition_steps[branch].setdefault(name[len(CONDITION) :], []).append(int(step))
 
-    def feature(self, branch: str, step: int, name: str) -> torch.Tensor:
+    def _stored(self, branch: str, step: int, name: str) -> str:
         key = f"{branch}/{step:03d}/{name}"
         if key not in self._keys:
             raise LbridgeError(f"trajectory shard {self.path} has no '{key}': collect it again")
-        return self._file.get_tensor(key)
+        return key
+
+    def feature(self, branch: str, step: int, name: str) -> torch.Tensor:
+        return self._file.get_tensor(self._stored(branch, step, name))
 
     def shape(self, branch: str, step: int, name: str) -> tuple[int, ...]:
         """A stored tensor's shape, read from the header (no data loaded)."""
-        key = f"{branch}/{step:03d}/{name}"
-        if key not in self._keys:
-            raise LbridgeError(f"trajectory shard {self.path} has no '{key}': collect it again")
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._file.get_slice(self._stored(branch, step, name)).get_shape())
 
     def has(self, branch: str, step: int, name: str) -> bool:
         return f"{branch}/{step:03d}/{name}" in self._keys

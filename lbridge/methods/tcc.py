@@ -37,32 +37,14 @@ PRIORS = "priors.safetensors"
 Priors = dict[tuple[str, int], tuple[torch.Tensor, ...]]
 
 
-class StopSampling(Exception):  # noqa: N818 -- control flow of the calibration runs, never reaches a user
-    """Raised at the first call after the step a calibration run needs: the rest would be wasted."""
-
-
 class Probe:
-    """What a calibration run asks of the prior hook: report cached features, stop after a step."""
+    """What a calibration run asks of the prior hook: the cached features, before their prior."""
 
     def __init__(self) -> None:
-        self.stop_after: int | None = None
         self.on_cached = None  # callable(branch, step, streams) or None
 
     def clear(self) -> None:
-        self.stop_after, self.on_cached = None, None
-
-
-class StopAfterHook(ModelHook):
-    """On the transformer: ends a calibration run before the first call past the step it needs."""
-
-    def __init__(self, runtime: CacheRuntime, probe: Probe) -> None:
-        super().__init__()
-        self.runtime, self.probe = runtime, probe
-
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.probe.stop_after is not None and self.runtime.step > self.probe.stop_after:
-            raise StopSampling
-        return args, kwargs
+        self.on_cached = None
 
 
 class PriorHook(ModelHook):
@@ -116,7 +98,6 @@ class Tcc(CacheMethod):
         self.base.install(transformer, adapter, runtime)
         final = adapter.blocks(transformer)[-1]
         self.add_hook(final, PriorHook(runtime, self.priors, self.probe), "prior")  # after: outermost
-        self.add_hook(transformer, StopAfterHook(runtime, self.probe), "stop")
 
     def detach(self, transformer: torch.nn.Module) -> None:
         super().detach(transformer)

@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
 from lbridge.models.base import ModelAdapter
-from lbridge.models.offline import word_tokenizer
+from lbridge.models.offline import evaluated, word_tokenizer
 
 
 class FluxAdapter(ModelAdapter):
@@ -74,8 +74,7 @@ def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:
         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5035,
     )  # fmt: skip
-    for module in (transformer, clip, t5, vae):
-        module.eval()  # freshly built modules are in training mode: T5's dropout would randomise prompts
+    evaluated(transformer, clip, t5, vae)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
