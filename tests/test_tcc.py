@@ -138,6 +138,10 @@ def test_calibrated_priors_load_back_and_change_only_cached_steps(tiny, tmp_path
         ({"base": "none"}, r"unknown tcc method.base 'none'"),
         ({"granularity": "pixel"}, r"unknown method.granularity 'pixel' \(accepted: token, channel\)"),
         ({"calibration": {"mode": "twice"}}, r"unknown method.calibration.mode 'twice'"),
+        (
+            {"calibration": {"target": "nowhere"}},
+            r"unknown method.calibration.target 'nowhere' \(accepted: local, reference\)",
+        ),
     ],
 )
 def test_bad_parameters_name_the_value_and_the_accepted_ones(params, message):

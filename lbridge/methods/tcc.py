@@ -32,6 +32,7 @@ from lbridge.runtime.schedule import Schedule
 
 GRANULARITIES = ("token", "channel")
 MODES = ("iterative", "naive")
+TARGETS = ("local", "reference")  # what a cached feature is compared with (calibration/tcc_priors.py)
 PRIORS = "priors.safetensors"
 
 Priors = dict[tuple[str, int], tuple[torch.Tensor, ...]]
@@ -88,9 +89,12 @@ class Tcc(CacheMethod):
         self.base = base if isinstance(base, CacheMethod) else _training_free(base, base_params or {})
         self.granularity = granularity
         self.calibration = dict(calibration or {})
-        mode = self.calibration.get("mode", "iterative")
-        if mode not in MODES:
-            raise LbridgeError(f"unknown method.calibration.mode '{mode}' (accepted: {', '.join(MODES)})")
+        for key, accepted in (("mode", MODES), ("target", TARGETS)):
+            value = self.calibration.get(key, accepted[0])
+            if value not in accepted:
+                raise LbridgeError(
+                    f"unknown method.calibration.{key} '{value}' (accepted: {', '.join(accepted)})"
+                )
         self.priors: Priors = {}  # shared with the installed hook: loading priors updates it in place
         self.probe = Probe()
 
