@@ -16,17 +16,24 @@ from lbridge.io import write_json
 MANIFEST = "run.json"
 
 
+def model_key(model: DictConfig) -> dict[str, Any]:
+    """The model node as part of a key: where it runs and which metrics eval computes change no output."""
+    key = OmegaConf.to_container(model, resolve=True)
+    key.pop("device", None)
+    key.pop("metrics", None)
+    return key
+
+
 def sample_key(cfg: DictConfig, method: DictConfig | None = None) -> dict[str, Any]:
     """The part of the config that determines a sampling run's images (and nothing else)."""
     method = cfg.method if method is None else method
     key = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model_key(cfg.model),
         "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
         "num_prompts": cfg.num_prompts,
         "seed": cfg.seed,
         "method": OmegaConf.to_container(method, resolve=True),
     }
-    key["model"].pop("device", None)  # where it runs does not change what a run means
     if method.name != "none":  # the reference has no ratio or schedule: one reference for all
         key["ratio"] = float(cfg.ratio)
         key["schedule"] = OmegaConf.to_container(cfg.schedule, resolve=True)

@@ -20,7 +20,7 @@ from lbridge.commands.setup import build_adapter, build_method, plan
 from lbridge.errors import LbridgeError
 from lbridge.models.base import DTYPES, ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
-from lbridge.runs import key_hash, reference_method
+from lbridge.runs import key_hash, model_key, reference_method
 from lbridge.runtime.hooks import register, remove_all
 
 RECORDER = "lbridge.collect"
@@ -32,9 +32,7 @@ def trajectory_dir(cfg: DictConfig, seed: int, dtype: str) -> tuple[Path, dict]:
     The number of prompts is not part of the key: a set grows when more prompts are asked for, and
     prompt i is the same trajectory whatever the count.
     """
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("device", None)
-    key = {"model": model, "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+    key = {"model": model_key(cfg.model), "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
            "seed": int(seed), "dtype": dtype}  # fmt: skip
     return Path(cfg.output_root) / "trajectories" / cfg.model.name / key_hash(key), key
 
