@@ -56,6 +56,13 @@ class CollectSchema(CommonSchema):
 
 
 @dataclass
+class EvalSchema(CommonSchema):
+    """`metrics` holds one node per metric (conf/metrics/*.yaml); model.metrics picks which run."""
+
+    metrics: Any = None
+
+
+@dataclass
 class ReportSchema(CommonSchema):
     out: str | None = None
 
@@ -71,6 +78,7 @@ for _name, _schema in {
     "common_schema": CommonSchema,
     "sample_schema": SampleSchema,
     "collect_schema": CollectSchema,
+    "eval_schema": EvalSchema,
     "report_schema": ReportSchema,
     "analyze_schema": AnalyzeSchema,
 }.items():
@@ -82,8 +90,11 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def instantiate_node(node: DictConfig, group: str) -> Any:
-    """hydra.utils.instantiate, with the constructor's own error surfaced as a one-line LbridgeError."""
+def instantiate_node(node: DictConfig, group: str, label: str | None = None) -> Any:
+    """hydra.utils.instantiate, with the constructor's own error surfaced as a one-line LbridgeError.
+
+    `label` names the node in that error when it has no `name` key (metric nodes are named by their key).
+    """
     try:
         return instantiate(node, _convert_="all")
     except InstantiationException as err:
@@ -91,7 +102,7 @@ def instantiate_node(node: DictConfig, group: str) -> Any:
         if isinstance(cause, LbridgeError):
             raise cause from None
         detail = str(cause or err).strip().splitlines()[0]
-        raise LbridgeError(f"bad {group} config '{node.get('name')}': {detail}") from None
+        raise LbridgeError(f"bad {group} config '{label or node.get('name')}': {detail}") from None
 
 
 def load_option(group: str, name: str, **overrides: Any) -> Any:
