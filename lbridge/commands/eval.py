@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lbridge.commands.sample import finished, speedups
-from lbridge.config import instantiate_node
+from lbridge.config import CONF_DIR, group_options, instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
 from lbridge.metrics.digit_accuracy import digit_accuracy
@@ -48,20 +48,29 @@ def _open(run: Path, records: list[dict]) -> list[Image.Image]:
     return [Image.open(run / r["file"]) for r in records]
 
 
+def metric_node(cfg: DictConfig, name: str) -> DictConfig:
+    """`metrics.<name>` of the config; a config composed for another command (scripts compose
+    `sample`) has no `metrics`, and then the packaged conf/metrics/<name>.yaml is used."""
+    nodes = cfg.get("metrics") or {}
+    if name in nodes:
+        return nodes[name]
+    if name in group_options("metrics"):
+        return OmegaConf.load(CONF_DIR / "metrics" / f"{name}.yaml")[name]
+    accepted = ", ".join([*PAIRED, *PROMPTED, *group_options("metrics")])
+    raise LbridgeError(f"unknown metric '{name}' in model.metrics (accepted: {accepted})")
+
+
 def build_metric(cfg: DictConfig, name: str) -> tuple[Any, DictConfig]:
     """The metric object of `metrics.<name>` (errors name `metrics.<name>.*` keys) and its node."""
-    nodes = cfg.get("metrics") or {}
-    if name not in nodes:
-        accepted = ", ".join([*PAIRED, *PROMPTED, *nodes])
-        raise LbridgeError(f"unknown metric '{name}' in model.metrics (accepted: {accepted})")
-    node = OmegaConf.to_container(nodes[name], resolve=True)
+    node = metric_node(cfg, name)
+    kwargs = OmegaConf.to_container(node, resolve=True)
     for key in EVAL_ONLY_KEYS:
-        node.pop(key, None)
-    node.setdefault("config_key", f"metrics.{name}")
-    metric = instantiate_node(OmegaConf.create(node), "metrics", label=name)
+        kwargs.pop(key, None)
+    kwargs.setdefault("config_key", f"metrics.{name}")
+    metric = instantiate_node(OmegaConf.create(kwargs), "metrics", label=name)
     if isinstance(metric, torch.nn.Module):
         metric = metric.to("cuda" if torch.cuda.is_available() else "cpu")
-    return metric, nodes[name]
+    return metric, node
 
 
 def _values(name: str, result: Any) -> dict[str, float]:
