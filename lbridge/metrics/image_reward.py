@@ -82,7 +82,10 @@ def from_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     converted, unused = {}, []
     for name, tensor in state.items():
         new = _rename(name, 0)
-        (unused.append(name) if new is None else converted.__setitem__(new, tensor))
+        if new is None:
+            unused.append(name)
+        else:
+            converted[new] = tensor
     return converted, unused
 
 
