@@ -100,7 +100,7 @@ def calls_per_step(name: str) -> int:
 @pytest.mark.parametrize(
     "method,params",
     [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"}),
-     ("taylorseer", {"site": "attn_mlp"}), ("foca", {"site": "stack"}), ("learnibridge", {})],
+     ("taylorseer", {"site": "attn_mlp"}), ("foca", {"site": "stack"}), ("learnibridge", {}), ("toca", {})],
 )  # fmt: skip
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(random_family, method, params):
     name, adapter, pipe = random_family
