@@ -30,7 +30,8 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: dit_xl_2, flux, hunyuan_video,"),
         (
             ["sample", "method=magic"],
-            "unknown method 'magic' (accepted: foca, fora, l2p, learnibridge, none, taylorseer, tcc, toca)",
+            "unknown method 'magic' (accepted: fbcache, foca, fora, l2p, learnibridge, magcache, none, "
+            "taylorseer, tcc, teacache, toca)",
         ),
         (["sample", "-m", "method=fora,magic"], "unknown method 'magic'"),
         (["sample", "ratio=50"], "ratio=50 is above the maximum reachable"),
