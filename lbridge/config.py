@@ -58,6 +58,8 @@ class CollectSchema(CommonSchema):
 @dataclass
 class ReportSchema(CommonSchema):
     out: str | None = None
+    name: str = "table"
+    regenerate: str | None = None
 
 
 @dataclass
