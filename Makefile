@@ -9,7 +9,7 @@ DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
 
-.PHONY: install demo learnibridge-results calibrated-results test lint format tiny-model clean
+.PHONY: install demo learnibridge-results calibrated-results methods-results test lint format tiny-model clean
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,24 @@ learnibridge-results: install
 # 2-6 -> results/tiny/calibrated.{csv,md}, calibrated_pareto.png, tcc_iterative_vs_naive.md (~10 min).
 calibrated-results: install
 	$(BIN)/python scripts/calibrated_results.py
+
+# Every training-free method at ratios 2-6 on the tiny model, one Hydra multirun per command, same 20
+# prompts and seeds -> results/tiny/methods.{csv,md}. Adaptive methods first solve their threshold
+# for each ratio (`lbridge calibrate`); a ratio a method cannot reach is listed with the reason. The
+# leading `-` lets the sweep's table be written when some (method, ratio) jobs are unreachable.
+METHODS_STATIC := fora,taylorseer,foca,toca
+METHODS_ADAPTIVE := teacache,fbcache,magcache
+METHODS_ROOT := outputs/methods
+METHODS_ARGS := model=tiny ratio=2,3,4,5,6 num_prompts=20 output_root=$(METHODS_ROOT)
+methods-results: install
+	rm -f $(METHODS_ROOT)/failed_jobs.jsonl
+	-$(LBRIDGE) calibrate -m method=$(METHODS_ADAPTIVE) $(METHODS_ARGS)
+	$(LBRIDGE) sample model=tiny method=none num_prompts=20 output_root=$(METHODS_ROOT)
+	-$(LBRIDGE) sample -m method=$(METHODS_STATIC),$(METHODS_ADAPTIVE) $(METHODS_ARGS)
+	$(LBRIDGE) eval model=tiny method=none num_prompts=20 output_root=$(METHODS_ROOT)
+	-$(LBRIDGE) eval -m method=$(METHODS_STATIC),$(METHODS_ADAPTIVE) $(METHODS_ARGS)
+	$(LBRIDGE) report model=tiny output_root=$(METHODS_ROOT) out=results/tiny name=methods \
+		'regenerate="make methods-results"'
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

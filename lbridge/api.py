@@ -14,6 +14,7 @@ on those inputs and solves the schedule that reaches the ratio.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,12 +96,31 @@ class Accelerator:
             self.remove()
         if not self.method.accelerates:
             schedule = Schedule.all_full(steps)
+        elif getattr(self.method, "adaptive", False):
+            schedule = self._candidates(steps, float(ratio), warmup, interval)
         elif interval is not None:
             schedule = Schedule.with_interval(steps, int(interval), warmup)
         else:
             schedule = solve(steps, self.cost.full, self.cost.cached, float(ratio), warmup, spacing)
         self.runtime = CacheRuntime(SchedulerClock(self.pipe.scheduler), schedule)
         return schedule
+
+    def _candidates(self, steps: int, ratio: float, warmup: int, interval: int | None) -> Schedule:
+        """An adaptive method's candidate steps; a ratio above what skipping them all gives stops here."""
+        if interval is not None:
+            raise LbridgeError(
+                f"schedule.interval={interval} fixes a static schedule; {self.method.name} decides its "
+                "steps at run time (set schedule.interval=null)"
+            )
+        candidates = self.method.candidates(steps, warmup)
+        bound = candidates.flops_ratio(self.cost.full, self.cost.cached)
+        if ratio > bound + 1e-9:
+            raise LbridgeError(
+                f"ratio={ratio:g} is above the maximum reachable {bound:.2f} for {self.method.name} with "
+                f"{steps} steps and warmup={warmup} (every candidate step skipped); "
+                f"choose ratio <= {bound:.2f}"
+            )
+        return candidates
 
     def _measure(self, captured: CapturedCall) -> StepCost:
         clock = self.runtime.clock
@@ -118,7 +138,11 @@ class Accelerator:
         with torch.no_grad():
             call()
         clock.step = 1
-        cached = count_flops(call)
+        if getattr(self.method, "adaptive", False):  # a candidate step, skipped whatever it measures
+            with self.method.thresholded(math.inf):
+                cached = count_flops(call)
+        else:
+            cached = count_flops(call)
         self.method.reset()
         return StepCost(full, cached)
 
@@ -142,7 +166,7 @@ class Accelerator:
     def reset(self) -> None:
         """Call between samples: drops cached features and the per-sample call counters."""
         self.method.reset()
-        self.runtime.full_calls = self.runtime.cached_calls = 0
+        self.runtime.reset_counts()
 
     # -- reporting ---------------------------------------------------------------------------
     @property

@@ -10,16 +10,20 @@ import importlib
 import itertools
 import sys
 from functools import partial
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lbridge.config import CONF_DIR, group_options
 from lbridge.errors import LbridgeError
+from lbridge.io import append_jsonl
 
 COMMANDS = {
     "collect": "full-compute trajectories (final-block input/output per step) for calibration",
@@ -108,13 +112,26 @@ def quiet_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
+#: Jobs of this multirun that stopped with an LbridgeError (the sweep goes on without them).
+FAILED_JOBS: list[str] = []
+FAILURES = "failed_jobs.jsonl"  # under output_root: `lbridge report` lists them beside the table
+
+
 def _run_command(command: str, cfg: DictConfig) -> None:
     module = importlib.import_module(f"lbridge.commands.{command}")
     try:
         module.run(cfg)
     except LbridgeError as err:
-        # SystemExit is not an Exception, so Hydra passes it through without a traceback.
-        sys.exit(fail(str(err)))
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            # SystemExit is not an Exception, so Hydra passes it through without a traceback.
+            sys.exit(fail(str(err)))
+        # One unreachable ratio must not cost the rest of a sweep: report, record, go on.
+        overrides = list(HydraConfig.get().overrides.task)
+        fail(f"{' '.join(overrides)}: {err}")
+        FAILED_JOBS.append(" ".join(overrides))
+        root = Path(cfg.output_root)
+        root.mkdir(parents=True, exist_ok=True)
+        append_jsonl(root / FAILURES, {"command": command, "overrides": overrides, "error": str(err)})
 
 
 # Hydra's own flags that take a value (`--cfg job`): that value is not an override.
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base=None)(
         partial(_run_command, command)
     )()
+    if FAILED_JOBS:
+        return fail(f"{len(FAILED_JOBS)} job(s) of the sweep failed (listed above): {'; '.join(FAILED_JOBS)}")
     return 0
 
 

@@ -65,6 +65,8 @@ class EvalSchema(CommonSchema):
 @dataclass
 class ReportSchema(CommonSchema):
     out: str | None = None
+    name: str = "table"
+    regenerate: str | None = None
 
 
 @dataclass

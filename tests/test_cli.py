@@ -30,7 +30,8 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["sample", "model=sdxl"], "unknown model 'sdxl' (accepted: dit_xl_2, flux, hunyuan_video,"),
         (
             ["sample", "method=magic"],
-            "unknown method 'magic' (accepted: foca, fora, l2p, learnibridge, none, taylorseer, tcc)",
+            "unknown method 'magic' (accepted: fbcache, foca, fora, l2p, learnibridge, magcache, none, "
+            "taylorseer, tcc, teacache, toca)",
         ),
         (["sample", "-m", "method=fora,magic"], "unknown method 'magic'"),
         (["sample", "ratio=50"], "ratio=50 is above the maximum reachable"),
@@ -102,6 +103,23 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
     assert metrics["flops_speedup"] >= 3.0 and 0 < metrics["ssim"] < 1 and 0 <= metrics["digit_accuracy"] <= 1
     report = lbridge("report", cwd=tmp_path)
     assert report.returncode == 0 and "| fora" in report.stdout
+
+
+def test_a_sweep_goes_on_past_an_unreachable_ratio_and_the_report_lists_it(tmp_path):
+    swept = lbridge("sample", "-m", "method=fora", "ratio=50,2", "num_prompts=1", cwd=tmp_path)
+    assert swept.returncode != 0
+    assert "error: method=fora ratio=50 num_prompts=1: ratio=50 is above the maximum reachable" in swept.stderr
+    assert "1 job(s) of the sweep failed" in swept.stderr and "Traceback" not in swept.stderr
+    assert set(run_dirs(tmp_path)) == {"none", "fora-r2"}  # the job after the failed one ran
+    (failure,) = [json.loads(line) for line in (tmp_path / "outputs" / "failed_jobs.jsonl").open()]
+    assert failure["command"] == "sample" and failure["overrides"] == ["method=fora", "ratio=50", "num_prompts=1"]
+
+    assert lbridge("eval", "ratio=2", "num_prompts=1", cwd=tmp_path).returncode == 0
+    report = lbridge("report", "name=sweep", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "outputs" / "report" / "tiny" / "sweep.md").read_text()
+    (row,) = [line for line in table.splitlines() if "| fora" in line and "50.000" in line]
+    assert "is above the maximum reachable" in row
 
 
 @pytest.mark.slow

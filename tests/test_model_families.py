@@ -13,7 +13,7 @@ import lbridge
 from lbridge.calibration.trajectories import bind_block_arguments, block_hidden_output
 from lbridge.errors import LbridgeError
 from lbridge.media import tile_frames, write_sample
-from lbridge.methods.base import available_methods
+from lbridge.methods.base import available_methods, method_class
 from lbridge.metrics.reference import psnr, ssim
 from lbridge.models import adapter_for, load_adapter
 from lbridge.runtime.hooks import ModelHook, register, remove_all
@@ -68,7 +68,11 @@ def test_adapter_is_discovered_and_final_block_is_documented(random_family):
     assert all(adapter.attn_mlp_sites(block) for block in blocks)
 
 
-METHODS = [(m, {}) for m in available_methods()] + [("fora", {"site": "attn_mlp"})]
+STATIC = [m for m in available_methods() if not getattr(method_class(m), "adaptive", False)]
+ADAPTIVE = [m for m in available_methods() if getattr(method_class(m), "adaptive", False)]
+METHODS = [(m, {}) for m in STATIC] + [("fora", {"site": "attn_mlp"})]
+#: Parameters that let an adaptive method run without `lbridge calibrate` (nothing left to fit).
+UNFITTED = {"teacache": {"coefficients": None}, "magcache": {"mag_ratios": [1.0] + [1.1] * 99}}
 
 
 @pytest.mark.parametrize("method,params", METHODS, ids=[f"{m}-{p.get('site', '')}" for m, p in METHODS])
@@ -96,7 +100,7 @@ def calls_per_step(name: str) -> int:
 @pytest.mark.parametrize(
     "method,params",
     [("none", {}), ("fora", {"site": "stack"}), ("fora", {"site": "attn_mlp"}),
-     ("taylorseer", {"site": "attn_mlp"}), ("foca", {"site": "stack"}), ("learnibridge", {})],
+     ("taylorseer", {"site": "attn_mlp"}), ("foca", {"site": "stack"}), ("learnibridge", {}), ("toca", {})],
 )  # fmt: skip
 def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(random_family, method, params):
     name, adapter, pipe = random_family
@@ -105,6 +109,39 @@ def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(random_family,
     try:
         assert str(acc.schedule) == "F" * len(acc.schedule)
         hooked = raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+    assert np.array_equal(plain, hooked)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_skip_every_candidate_at_infinite_threshold(random_family, method):
+    name, adapter, pipe = random_family
+    reference = raw(adapter, pipe, name)
+    acc = accelerate(adapter, pipe, name, method, 1.0, threshold=float("inf"), **UNFITTED.get(method, {}))
+    try:
+        acc.reset()
+        accelerated = raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+    assert accelerated.shape == reference.shape and np.isfinite(accelerated).all()
+    candidates = acc.schedule  # FULL where forced; CACHED marks the steps the method may skip
+    if method == "magcache":  # at most max_skip_steps (3) skipped in a row, then one FULL step
+        assert acc.runtime.cached_calls > 0
+    else:
+        assert acc.runtime.realised_schedule() == str(candidates)
+        assert acc.runtime.cached_calls == candidates.num_cached * calls_per_step(name)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_at_threshold_zero_are_bit_identical_to_the_plain_pipeline(random_family, method):
+    name, adapter, pipe = random_family
+    plain = raw(adapter, pipe, name)
+    acc = accelerate(adapter, pipe, name, method, 1.0, threshold=0.0, **UNFITTED.get(method, {}))
+    try:
+        acc.reset()
+        hooked = raw(adapter, pipe, name)
+        assert acc.runtime.realised_schedule() == "F" * len(acc.schedule)
     finally:
         acc.remove()
     assert np.array_equal(plain, hooked)

@@ -37,6 +37,7 @@ def accelerate(adapter, pipe, method, ratio, **params):
         ("learnibridge", {}),
         ("foca", {"site": "stack"}),
         ("foca", {"site": "attn_mlp"}),
+        ("toca", {"refresh_ratio": 0.5}),
         ("l2p", {}),
         ("tcc", {"base": "taylorseer"}),
         ("tcc", {"base": "fora", "base_params": {"site": "attn_mlp"}}),

@@ -134,7 +134,7 @@ def test_calibrated_priors_load_back_and_change_only_cached_steps(tiny, tmp_path
 @pytest.mark.parametrize(
     "params,message",
     [
-        ({"base": "l2p"}, r"unknown tcc method.base 'l2p' \(accepted: foca, fora, taylorseer\)"),
+        ({"base": "l2p"}, r"unknown tcc method.base 'l2p' \(accepted: foca, fora, taylorseer, toca\)"),
         ({"base": "none"}, r"unknown tcc method.base 'none'"),
         ({"granularity": "pixel"}, r"unknown method.granularity 'pixel' \(accepted: token, channel\)"),
         ({"calibration": {"mode": "twice"}}, r"unknown method.calibration.mode 'twice'"),

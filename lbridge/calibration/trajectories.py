@@ -61,6 +61,12 @@ def stream_names(block: torch.nn.Module) -> tuple[str, str | None]:
     return meta.hidden_states_argument_name, encoder
 
 
+def block_hidden_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-stream argument of a block call."""
+    meta = TransformerBlockRegistry.get(block.__class__)
+    return meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+
+
 def block_hidden_output(block: torch.nn.Module, output: Any) -> torch.Tensor:
     """The hidden stream of a block's output: what the head reads after the final block."""
     meta = TransformerBlockRegistry.get(block.__class__)

@@ -41,12 +41,14 @@ def run(cfg: DictConfig) -> Path:
     prompts = load_prompts(cfg.prompts, options.get("num_prompts", 5), options.get("seed", 1000))
     pipe = adapter.load_pipeline()
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
-    root = collect_trajectories(
-        cfg, adapter, pipe, prompts, options.get("seed", 1000), options.get("dtype", "auto")
-    )
-    trajectories = load_trajectories(
-        root, [p.index for p in prompts], {"model": cfg.model.name, "steps": len(acc.schedule)}
-    )
+    root, trajectories = None, []
+    if getattr(method, "uses_trajectories", True):  # adaptive methods sample the prompts themselves
+        root = collect_trajectories(
+            cfg, adapter, pipe, prompts, options.get("seed", 1000), options.get("dtype", "auto")
+        )
+        trajectories = load_trajectories(
+            root, [p.index for p in prompts], {"model": cfg.model.name, "steps": len(acc.schedule)}
+        )
     job = CalibrationJob(cfg, adapter, pipe, acc, prompts, trajectories)
 
     start = time.perf_counter()
@@ -58,7 +60,8 @@ def run(cfg: DictConfig) -> Path:
     metadata = {
         "hash": key_hash(calibration_key(cfg)), "key": calibration_key(cfg), "model": cfg.model.name,
         "method": method.describe(), "ratio": float(cfg.ratio), "schedule": str(acc.schedule),
-        "flops_ratio": acc.flops_ratio, "trajectories": str(root),
+        "flops_ratio": report.get("flops_ratio", acc.flops_ratio),
+        "trajectories": None if root is None else str(root),
         "prompts": [{"index": p.index, "prompt": p.text, "seed": p.seed} for p in prompts],
         "wall_s": wall, "fit": report,
     }  # fmt: skip
@@ -66,7 +69,7 @@ def run(cfg: DictConfig) -> Path:
     tmp.replace(out)
     print(
         f"{out}: calibrated {cfg.method.name} for schedule {acc.schedule} "
-        f"(FLOPs ratio {acc.flops_ratio:.2f}x) on {len(prompts)} prompts in {wall:.1f} s"
+        f"(FLOPs ratio {metadata['flops_ratio']:.2f}x) on {len(prompts)} prompts in {wall:.1f} s"
     )
     for line in report.get("summary", []):
         print(f"  {line}")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from lbridge.cli import FAILURES
 from lbridge.errors import LbridgeError
+from lbridge.io import read_jsonl
 
 COLUMNS = ["method", "ratio_target", "flops_speedup", "latency_speedup"]
 NOTES = "metric_notes"  # metrics.json: what each metric is (backbone, weights, formula), for the caption
@@ -32,24 +34,52 @@ def gather(root: Path, model: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     skip = {*COLUMNS, "model", "schedule", "run", "num_samples", NOTES}
     metrics = [c for c in table.columns if c not in skip]
-    table = table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]]
-    # The full-compute reference first, then each method by increasing target ratio.
+    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]]
+
+
+def ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """The full-compute reference first, then each method by increasing target ratio."""
     order = table["method"].ne("none").astype(int)
     return table.assign(_order=order).sort_values(["_order", "method", "ratio_target"]).drop(columns="_order")
 
 
+def failed_samples(root: Path, model: str) -> pd.DataFrame:
+    """Sweep jobs of `model` that stopped with an error (an unreachable ratio, say): the first error of
+    each (method, ratio), so a failed `calibrate` explains the `sample` that then had no calibration."""
+    rows = []
+    for record in read_jsonl(root / FAILURES):
+        values = dict(o.split("=", 1) for o in record["overrides"] if "=" in o)
+        if record["command"] in ("calibrate", "sample") and values.get("model", "tiny") == model:
+            rows.append(
+                {"method": values.get("method"), "ratio_target": float(values.get("ratio", 2.0)),
+                 "note": record["error"]}
+            )  # fmt: skip
+    rows = pd.DataFrame(rows, columns=["method", "ratio_target", "note"])
+    return rows.drop_duplicates(subset=["method", "ratio_target"], keep="first")
+
+
 def run(cfg: DictConfig) -> Path:
-    table = gather(Path(cfg.output_root), cfg.model.name)
+    root = Path(cfg.output_root)
+    table = gather(root, cfg.model.name)
+    failed = failed_samples(root, cfg.model.name)
+    evaluated = set(zip(table["method"], table["ratio_target"], strict=True))
+    missing = [pair not in evaluated for pair in zip(failed["method"], failed["ratio_target"], strict=True)]
+    if any(missing):  # listed in the table, not silently absent
+        table = pd.concat([table, failed[missing]], ignore_index=True)
+    table = ordered(table)
     out = Path(cfg.out) if cfg.out else Path(cfg.output_root) / "report" / cfg.model.name
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "table.csv", index=False, float_format="%.4f")
-    markdown = table.to_markdown(index=False, floatfmt=".3f")
-    command = f"lbridge report model={cfg.model.name}" + (f" out={cfg.out}" if cfg.out else "")
+    csv, md = out / f"{cfg.name}.csv", out / f"{cfg.name}.md"
+    table.to_csv(csv, index=False, float_format="%.4f")
+    markdown = table.to_markdown(index=False, floatfmt=".3f", missingval="")
+    command = f"lbridge report model={cfg.model.name} output_root={cfg.output_root}"
+    command += (f" out={cfg.out}" if cfg.out else "") + (f" name={cfg.name}" if cfg.name != "table" else "")
     runs = f"{cfg.output_root}/sample/{cfg.model.name}"
-    caption = f"Evaluated runs under {runs}; regenerate: `lbridge sample`, `lbridge eval`, `{command}`.\n\n"
-    notes = metric_notes(Path(cfg.output_root), cfg.model.name)
+    how = f"`{cfg.regenerate}`" if cfg.regenerate else f"`lbridge sample`, `lbridge eval`, `{command}`"
+    caption = f"Evaluated runs under {runs}; regenerate: {how}.\n\n"
+    notes = metric_notes(root, cfg.model.name)
     caption += "".join(f"- `{name}`: {text}\n" for name, text in notes.items()) + ("\n" if notes else "")
-    (out / "table.md").write_text(caption + markdown + "\n")
+    md.write_text(caption + markdown + "\n")
     print("".join(f"{name}: {text}\n" for name, text in notes.items()) + markdown)
-    print(f"\nwritten: {out / 'table.csv'}, {out / 'table.md'}")
+    print(f"\nwritten: {csv}, {md}")
     return out

@@ -56,7 +56,7 @@ def generate_run(
         files = write_sample(run, prompt.index, sample, fps=getattr(adapter, "fps", 16))
         record = {
             "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, **files,
-            "latency_s": latency, "flops": acc.sample_flops(), "schedule": str(acc.schedule),
+            "latency_s": latency, "flops": acc.sample_flops(), "schedule": acc.runtime.realised_schedule(),
             "device": str(adapter.device), "process": PROCESS,
         }  # fmt: skip
         append_jsonl(run / SAMPLES, record)

@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from lbridge.calibration.trajectories import block_hidden_input
 from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
 
@@ -115,6 +116,13 @@ class ModelAdapter:
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
+
+    def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """TeaCache's change indicator: the first block's timestep-modulated input.
+
+        The default is the block's raw hidden input (no modulation), which works for every family;
+        adapters whose blocks expose their AdaLN override it with the modulated one."""
+        return block_hidden_input(block, args, kwargs)
 
     def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
         """The transformer's output from the final block's hidden output (`arguments`: that block's call)."""

@@ -13,6 +13,7 @@ from diffusers import (
 )
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
+from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.models.base import ModelAdapter
 from lbridge.models.offline import evaluated, word_tokenizer
 
@@ -45,6 +46,11 @@ class FluxAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """What the transformer does after its final block: AdaLN with the step's `temb`, then projection."""
         return transformer.proj_out(transformer.norm_out(hidden, arguments["temb"]))
+
+    def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """norm1(x) * (1 + scale) + shift with the step's `temb`, as TeaCache reads it on FLUX."""
+        arguments = bind_block_arguments(block, args, kwargs)
+        return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
 
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(block, FluxSingleTransformerBlock):

@@ -8,7 +8,7 @@ CFG branches, extra calls or an interrupted sample cannot shift the step index.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks.hooks import CacheContext
@@ -73,13 +73,23 @@ class ManualClock:
 
 @dataclass
 class CacheRuntime:
-    """State shared by lbridge's hooks on one transformer: the clock, the schedule, the context."""
+    """State shared by lbridge's hooks on one transformer: the clock, the schedule, the context.
+
+    A static method's calls are FULL or CACHED as the schedule says. An adaptive method (TeaCache,
+    FirstBlockCache, MagCache) marks steps as *candidates* in the schedule (CACHED there) and gives
+    its verdict on each candidate call with `decide` once its probe has run, before the blocks read
+    `is_full`. The counters and `realised` (what each call really did) account for both.
+    """
 
     clock: SchedulerClock | ManualClock
     schedule: Schedule
     context: CacheContext | None = None
     full_calls: int = 0
     cached_calls: int = 0
+    #: (branch, step) -> whether that call ran FULL, for the calls since the last `reset_counts`.
+    realised: dict[tuple[str, int], bool] = field(default_factory=dict)
+    #: An adaptive method's verdict on the current call (None: the schedule decides).
+    decision: bool | None = None
 
     #: The current transformer call's `timestep` argument, set by the context hook before `enter_call`:
     #: the clock of a scheduler without `step_index` reads the step from it.
@@ -92,16 +102,43 @@ class CacheRuntime:
                 f"the pipeline runs {context.num_inference_steps} steps but the lbridge schedule has "
                 f"{len(self.schedule)}: pass the same num_inference_steps to lbridge.accelerate"
             )
-        self.context = context
-        if self.is_full:
-            self.full_calls += 1
-        else:
-            self.cached_calls += 1
+        self.context, self.decision = context, None
+        self._count(self.is_full, +1)
         return context
+
+    def decide(self, full: bool) -> None:
+        """An adaptive method's verdict on the current call; steps the schedule marks FULL stay FULL."""
+        full = full or self.schedule.is_full(self.step)
+        self._count(self.is_full, -1)
+        self.decision = full
+        self._count(full, +1)
+
+    def _count(self, full: bool, sign: int) -> None:
+        if full:
+            self.full_calls += sign
+        else:
+            self.cached_calls += sign
+        if sign > 0:
+            self.realised[(self.branch, self.step)] = full
+
+    def reset_counts(self) -> None:
+        self.full_calls = self.cached_calls = 0
+        self.realised.clear()
+
+    def realised_schedule(self) -> str:
+        """'F'/'c' per step as the calls really ran (a step is F if any of its CFG branches was)."""
+        steps = [False] * len(self.schedule)
+        for (_, step), full in self.realised.items():
+            steps[step] = steps[step] or full
+        return "".join("F" if full else "c" for full in steps)
 
     @property
     def is_full(self) -> bool:
-        return self.context is None or self.schedule.is_full(self.context.step_index)
+        if self.context is None:
+            return True
+        if self.decision is not None:
+            return self.decision
+        return self.schedule.is_full(self.context.step_index)
 
     @property
     def branch(self) -> str:

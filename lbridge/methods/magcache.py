@@ -1,0 +1,182 @@
+"""MagCache (Ma et al., 2025, "Magnitude-aware Cache"): diffusers' `MagCacheConfig` hooks, lbridge interface.
+
+The norm of the block stack's residual (final block output - first block input) changes between
+consecutive steps by a ratio that is nearly the same for every prompt: `mag_ratios`, one per step.
+A CACHED step's error is estimated from them alone (accumulated |1 - product of ratios| since the last
+FULL step), so the decision costs nothing: a step is skipped while that error is <= `threshold` and
+at most `max_skip_steps` steps in a row; a skipped step adds the last FULL residual to its input.
+
+`mag_ratios: fit` measures the ratios in `lbridge calibrate` on full-compute runs of the calibration
+prompts (mean over tokens of |r_t| / |r_t-1|, averaged over prompts and CFG branches); `flux` uses
+diffusers' published FLUX.1 ratios (interpolated to the number of steps); or give a list.
+`retention_ratio` keeps the first fraction of steps FULL (lbridge applies it as warmup steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks.mag_cache import (
+    FLUX_MAG_RATIOS,
+    MagCacheBlockHook,
+    MagCacheConfig,
+    MagCacheHeadHook,
+    MagCacheState,
+)
+
+from lbridge.calibration.job import CalibrationJob
+from lbridge.calibration.trajectories import block_hidden_input, block_hidden_output
+from lbridge.errors import LbridgeError
+from lbridge.methods.diffusers_cache import DiffusersBlockCache
+from lbridge.runtime.context import CacheRuntime
+from lbridge.runtime.hooks import ModelHook, register, remove_all
+from lbridge.runtime.schedule import Schedule
+
+RATIO_MODES = ("fit", "flux", "a list of numbers")
+
+
+class MagCache(DiffusersBlockCache):
+    name = "magcache"
+
+    def __init__(
+        self,
+        threshold: float | None = None,
+        max_skip_steps: int = 3,
+        retention_ratio: float = 0.2,
+        mag_ratios: str | list[float] = "fit",
+        calibration: dict[str, Any] | None = None,
+        name: str = "magcache",
+    ) -> None:
+        super().__init__(threshold, calibration)
+        if not isinstance(max_skip_steps, int) or max_skip_steps < 1:
+            raise LbridgeError(f"method.max_skip_steps={max_skip_steps!r} must be an integer >= 1")
+        if not isinstance(retention_ratio, int | float) or not 0 <= retention_ratio < 1:
+            raise LbridgeError(f"method.retention_ratio={retention_ratio!r} must be a number in [0, 1)")
+        if mag_ratios not in ("fit", "flux"):
+            try:
+                mag_ratios = [float(r) for r in mag_ratios]
+            except (TypeError, ValueError):
+                raise LbridgeError(
+                    f"method.mag_ratios={mag_ratios!r} is not accepted ({', '.join(RATIO_MODES)})"
+                ) from None
+        self.max_skip_steps, self.retention_ratio = max_skip_steps, float(retention_ratio)
+        self.ratio_mode = mag_ratios if isinstance(mag_ratios, str) else "given"
+        self.mag_ratios = (
+            FLUX_MAG_RATIOS.tolist()
+            if mag_ratios == "flux"
+            else (None if mag_ratios == "fit" else mag_ratios)
+        )
+
+    def candidates(self, num_steps: int, warmup: int) -> Schedule:
+        retained = int(self.retention_ratio * num_steps + 0.5)  # diffusers' rounding
+        return super().candidates(num_steps, max(warmup, retained))
+
+    def state_class(self):
+        return MagCacheState
+
+    def install(self, transformer, adapter, runtime) -> None:
+        steps = len(runtime.schedule)
+        # Unfitted ratios are only ever used to measure costs (threshold +-inf decides alone).
+        ratios = self.mag_ratios if self.mag_ratios is not None else [1.0] * steps
+        self.config = MagCacheConfig(
+            threshold=0.0, max_skip_steps=self.max_skip_steps, retention_ratio=0.0,
+            num_inference_steps=steps, mag_ratios=ratios,
+        )  # fmt: skip
+        super().install(transformer, adapter, runtime)
+
+    def head_hook(self, states, runtime):
+        return MagCacheHeadHook(states, self.config)
+
+    def block_hook(self, states, runtime, tail):
+        return MagCacheBlockHook(states, is_tail=tail, config=self.config)
+
+    def prepare_call(self, state, runtime: CacheRuntime, threshold: float) -> None:
+        if self.mag_ratios is None and math.isfinite(threshold):
+            raise LbridgeError(
+                "magcache mag_ratios=fit: run `lbridge calibrate` first, or set method.mag_ratios"
+            )
+        self.config.threshold = threshold
+        state.step_index = runtime.step  # lbridge's clock, not diffusers' call count
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(), "max_skip_steps": self.max_skip_steps,
+            "retention_ratio": self.retention_ratio, "mag_ratios": self.ratio_mode,
+        }  # fmt: skip
+
+    # -- calibration -------------------------------------------------------------------------
+    def needs_fit(self) -> bool:
+        return self.ratio_mode == "fit"
+
+    def fit(self, job: CalibrationJob) -> dict[str, Any]:
+        if self.ratio_mode != "fit":
+            return {"mag_ratios": self.mag_ratios}
+        return {"mag_ratios": magnitude_ratios(job)}
+
+    def load_fitted(self, values: dict[str, Any]) -> None:
+        if values.get("mag_ratios") is not None:
+            self.mag_ratios = [float(r) for r in values["mag_ratios"]]
+
+
+class _ResidualNormHook(ModelHook):
+    """Head and tail of the stack, full compute: per-token norms of the residual at every call."""
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.first_input: torch.Tensor | None = None
+        self.norms: dict[tuple[str, int], torch.Tensor] = {}
+
+    def on_head(self, block, args, kwargs) -> None:
+        self.first_input = block_hidden_input(block, args, kwargs)
+
+    def on_tail(self, block, output) -> None:
+        residual = (block_hidden_output(block, output) - self.first_input).float()
+        self.norms[(self.runtime.branch, self.runtime.step)] = torch.linalg.norm(residual, dim=-1)
+
+
+class _Tap(ModelHook):
+    def __init__(self, recorder: _ResidualNormHook, tail: bool) -> None:
+        super().__init__()
+        self.recorder, self.tail = recorder, tail
+
+    def pre_forward(self, module, *args, **kwargs):
+        if not self.tail:
+            self.recorder.on_head(module, args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.tail:
+            self.recorder.on_tail(module, output)
+        return output
+
+
+def magnitude_ratios(job: CalibrationJob) -> list[float]:
+    """mean_tokens |r_t| / |r_t-1| per step on full-compute runs, averaged over prompts and branches."""
+    acc = job.accelerator
+    blocks = job.adapter.blocks(acc.transformer)
+    recorder = _ResidualNormHook(acc.runtime)
+    names = ["lbridge.magcache.fit.head", "lbridge.magcache.fit.tail"]
+    register(blocks[0], _Tap(recorder, tail=False), names[0])
+    register(blocks[-1], _Tap(recorder, tail=True), names[1])
+    per_step: dict[int, list[float]] = {}
+    try:
+        with acc.method.thresholded(-math.inf):  # every step FULL
+            acc.attach()
+            for prompt in job.prompts:
+                acc.reset()
+                recorder.norms.clear()
+                job.adapter.generate(job.pipe, prompt.text, prompt.seed)
+                for (branch, step), norm in recorder.norms.items():
+                    if (branch, step - 1) in recorder.norms:
+                        ratio = (norm / (recorder.norms[(branch, step - 1)] + 1e-8)).mean()
+                        per_step.setdefault(step, []).append(float(ratio))
+    finally:
+        acc.remove()
+        remove_all(blocks[0], [names[0]])
+        remove_all(blocks[-1], [names[1]])
+    steps = len(acc.schedule)
+    return [1.0] + [float(np.mean(per_step[s])) for s in range(1, steps)]

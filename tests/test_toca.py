@@ -1,0 +1,225 @@
+"""ToCa: at a CACHED step each MLP recomputes the `refresh_ratio` fraction of tokens cached longest.
+
+Notation of lbridge/methods/toca.py: a token's *age* is the number of steps since its cached value
+was computed; a FULL step sets every age to 0, a CACHED step adds 1 to every age, then refreshes the
+tokens of largest age (ties by the tie-break order) and sets their age to 0.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lbridge
+from lbridge.errors import LbridgeError
+from lbridge.methods import load_method
+from lbridge.methods.toca import TokenRefreshHook, refresh_count, spread_order
+from lbridge.runtime.context import CacheRuntime, ManualClock
+from lbridge.runtime.hooks import register
+from lbridge.runtime.schedule import Schedule
+
+TOKENS = 8
+
+
+def hooked(schedule: str, refresh_ratio: float, tie_break: str = "raster", score: str = "age", module=None):
+    steps = Schedule.parse(schedule)
+    runtime = CacheRuntime(ManualClock(len(steps)), steps)
+    module = module if module is not None else torch.nn.Identity()
+    hook = register(module, TokenRefreshHook(runtime, refresh_ratio, score, tie_break), "test.toca")
+    return runtime, module, hook
+
+
+def call(runtime, module, step, x, branch="cond"):
+    runtime.clock.step = step
+    runtime.enter_call(branch)
+    return module(x)
+
+
+def tokens(step: int) -> torch.Tensor:
+    """(batch 2, 8 tokens, 1 channel): token i holds 10 * step + i, so values tell which step made them."""
+    return (10.0 * step + torch.arange(TOKENS, dtype=torch.float64)).expand(2, TOKENS).unsqueeze(-1)
+
+
+def made_at(output: torch.Tensor) -> list[int]:
+    """The step each token's value was computed at (an identity module: the value names it)."""
+    return [int(v) // 10 for v in output[0, :, 0]]
+
+
+def test_the_tokens_cached_longest_are_refreshed_and_their_age_resets():
+    runtime, module, hook = hooked("Fccc", refresh_ratio=3 / TOKENS)
+    made = []
+    for step in range(4):
+        made.append(made_at(call(runtime, module, step, tokens(step))))
+        if step == 0:
+            assert hook.caches["cond"].age.tolist() == [0] * TOKENS
+    # Step 1: all ages 1 -> tokens 0-2 (raster tie-break). Step 2: ages [0,0,0,2,2,2,2,2] -> 3-5.
+    # Step 3: ages [1,1,1,0,0,0,3,3] + 1 -> 6 and 7 (age 3), then token 0 (age 2, first in raster order).
+    assert made[1] == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert made[2] == [1, 1, 1, 2, 2, 2, 0, 0]
+    assert made[3] == [3, 1, 1, 2, 2, 2, 3, 3]
+    assert hook.caches["cond"].age.tolist() == [0, 2, 2, 1, 1, 1, 0, 0]
+
+
+def test_spread_tie_break_picks_evenly_spaced_tokens_and_cycles_through_all():
+    runtime, module, hook = hooked("Fcccc", refresh_ratio=2 / TOKENS, tie_break="spread")
+    refreshed = []
+    previous = call(runtime, module, 0, tokens(0))
+    for step in range(1, 5):
+        output = call(runtime, module, step, tokens(step))
+        refreshed.append([i for i in range(TOKENS) if output[0, i, 0] != previous[0, i, 0]])
+        previous = output
+    assert spread_order(TOKENS).tolist() == [0, 4, 2, 6, 1, 5, 3, 7]  # van der Corput order
+    assert refreshed == [[0, 4], [2, 6], [1, 5], [3, 7]]
+
+
+def test_static_score_refreshes_the_same_tokens_every_cached_step():
+    runtime, module, _ = hooked("Fccc", refresh_ratio=2 / TOKENS, tie_break="spread", score="static")
+    outputs = [call(runtime, module, step, tokens(step)) for step in range(4)]
+    assert made_at(outputs[3]) == [3, 0, 0, 0, 3, 0, 0, 0]
+
+
+def test_a_full_step_recomputes_everything_and_resets_every_age():
+    runtime, module, hook = hooked("FccFc", refresh_ratio=2 / TOKENS)
+    outputs = [call(runtime, module, step, tokens(step)) for step in range(5)]
+    assert made_at(outputs[3]) == [3] * TOKENS and made_at(outputs[4]) == [4, 4, 3, 3, 3, 3, 3, 3]
+    assert hook.caches["cond"].age.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_each_cfg_branch_has_its_own_cache_and_ages():
+    runtime, module, hook = hooked("Fc", refresh_ratio=2 / TOKENS)
+    for step in range(2):
+        for branch, sign in (("cond", 1.0), ("uncond", -1.0)):
+            output = call(runtime, module, step, sign * tokens(step), branch)
+            if step == 1:
+                expected = torch.cat([tokens(1)[:, :2], tokens(0)[:, 2:]], dim=1)
+                torch.testing.assert_close(output, sign * expected, rtol=0, atol=0)
+    assert set(hook.caches) == {"cond", "uncond"}
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+@torch.no_grad()
+def test_refreshed_tokens_equal_the_full_mlp_on_the_current_input_and_the_rest_are_reused():
+    net = mlp()
+    reference = mlp()  # same weights, no hook
+    runtime, module, _ = hooked("Fc", refresh_ratio=0.5, tie_break="spread", module=net)
+    inputs = [torch.randn(2, TOKENS, 4) for _ in range(2)]
+    full = call(runtime, module, 0, inputs[0])
+    cached = call(runtime, module, 1, inputs[1])
+    fresh = [0, 2, 4, 6]  # the first half of the spread order
+    torch.testing.assert_close(cached[:, fresh], reference(inputs[1])[:, fresh], rtol=1e-6, atol=1e-6)
+    stale = [1, 3, 5, 7]
+    assert torch.equal(cached[:, stale], full[:, stale])
+
+
+@torch.no_grad()
+def test_refresh_ratio_1_returns_the_modules_full_computation_on_the_current_input_bit_for_bit():
+    net, reference = mlp(), mlp()
+    runtime, module, _ = hooked("Fc", refresh_ratio=1.0, tie_break="spread", module=net)
+    call(runtime, module, 0, torch.randn(2, TOKENS, 4))
+    x = torch.randn(2, TOKENS, 4)
+    assert torch.equal(call(runtime, module, 1, x), reference(x))
+
+
+def test_refresh_count_rounds_half_up_and_is_monotonic():
+    assert [refresh_count(r, 64) for r in (0.0, 0.004, 0.1, 0.25, 1.0)] == [0, 0, 6, 16, 64]
+    counts = [refresh_count(r / 100, 72) for r in range(101)]
+    assert counts == sorted(counts)
+
+
+def sample(adapter, pipe, seed=0) -> np.ndarray:
+    kwargs = {**adapter.pipeline_kwargs(), "output_type": "np"}
+    return np.asarray(pipe("a handwritten digit 3", generator=adapter.generator(seed), **kwargs).images)
+
+
+def accelerated(adapter, pipe, method, ratio, interval=None, **params):
+    return lbridge.accelerate(
+        pipe, method, ratio, adapter=adapter, interval=interval, method_params=params, prompt="a cat",
+        **adapter.pipeline_kwargs(),
+    )  # fmt: skip
+
+
+def run(adapter, pipe, method, ratio, interval=None, **params):
+    acc = accelerated(adapter, pipe, method, ratio, interval, **params)
+    try:
+        return acc, sample(adapter, pipe)
+    finally:
+        acc.remove()
+
+
+def test_refresh_ratio_0_is_fora_attn_mlp_bit_for_bit(tiny):
+    adapter, pipe = tiny
+    fora, fora_image = run(adapter, pipe, "fora", 3.0, site="attn_mlp")
+    toca, toca_image = run(adapter, pipe, "toca", 3.0, refresh_ratio=0.0)
+    assert toca.cost == fora.cost and str(toca.schedule) == str(fora.schedule)
+    assert toca.schedule.num_cached > 0 and np.array_equal(toca_image, fora_image)
+
+
+def test_refresh_ratio_1_with_attention_recomputed_is_the_plain_pipeline_bit_for_bit(tiny):
+    adapter, pipe = tiny
+    plain = sample(adapter, pipe)
+    acc, image = run(adapter, pipe, "toca", 1.0, interval=2, refresh_ratio=1.0, attention="recompute")
+    assert acc.schedule.num_cached > 0 and acc.cost.cached == acc.cost.full  # nothing is skipped
+    assert np.array_equal(image, plain)
+
+
+def test_cached_step_flops_rise_with_refresh_ratio_and_the_solver_reaches_the_target(tiny):
+    adapter, pipe = tiny
+    fora = accelerated(adapter, pipe, "fora", 1.5, site="attn_mlp")
+    fora.remove()
+    costs = []
+    for refresh_ratio in (0.0, 0.1, 0.25, 0.5, 1.0):
+        acc = accelerated(adapter, pipe, "toca", 1.5, refresh_ratio=refresh_ratio)
+        acc.remove()
+        assert acc.flops_ratio >= 1.5
+        costs.append(acc.cost.cached)
+    assert costs[0] == fora.cost.cached
+    assert costs == sorted(set(costs))  # strictly increasing: fewer tokens really run fewer FLOPs
+    assert costs[-1] < fora.cost.full  # attention is still reused at refresh_ratio=1
+
+
+def test_toca_at_ratio_2_on_the_tiny_model_differs_from_full_compute_but_stays_close(tiny):
+    adapter, pipe = tiny
+    plain = sample(adapter, pipe)
+    acc, image = run(adapter, pipe, "toca", 2.0)
+    assert acc.flops_ratio >= 2.0 and np.isfinite(image).all() and not np.array_equal(image, plain)
+    assert np.abs(image - plain).mean() < 0.1
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"refresh_ratio": 1.5}, r"method.refresh_ratio=1.5 must be in \[0, 1\]"),
+        ({"refresh_ratio": -0.1}, r"method.refresh_ratio=-0.1 must be in \[0, 1\]"),
+        ({"refresh_ratio": "half"}, r"method.refresh_ratio='half' must be a number in \[0, 1\]"),
+        ({"score": "attention"}, r"unknown method.score 'attention' \(accepted: age, static\)"),
+        ({"tie_break": "random"}, r"unknown method.tie_break 'random' \(accepted: spread, raster\)"),
+        ({"attention": "tokens"}, r"unknown method.attention 'tokens' \(accepted: reuse, recompute\)"),
+    ],
+)
+def test_bad_hyperparameters_are_a_one_line_error(params, message):
+    with pytest.raises(LbridgeError, match=message) as err:
+        load_method("toca", **params)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_sample_from_the_command_line_on_the_tiny_model(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["sample", "model=tiny", "method=toca", "ratio=2", "num_prompts=2", f"output_root={tmp_path}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "lbridge.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "sample" / "tiny").glob("toca-*")
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all((run_dir / r["file"]).exists() for r in records)
+    assert "FLOPs speedup" in result.stdout
