@@ -108,11 +108,12 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
 def test_a_sweep_goes_on_past_an_unreachable_ratio_and_the_report_lists_it(tmp_path):
     swept = lbridge("sample", "-m", "method=fora", "ratio=50,2", "num_prompts=1", cwd=tmp_path)
     assert swept.returncode != 0
-    assert "error: method=fora ratio=50 num_prompts=1: ratio=50 is above the maximum reachable" in swept.stderr
+    job = "method=fora ratio=50 num_prompts=1"
+    assert f"error: {job}: ratio=50 is above the maximum reachable" in swept.stderr
     assert "1 job(s) of the sweep failed" in swept.stderr and "Traceback" not in swept.stderr
     assert set(run_dirs(tmp_path)) == {"none", "fora-r2"}  # the job after the failed one ran
     (failure,) = [json.loads(line) for line in (tmp_path / "outputs" / "failed_jobs.jsonl").open()]
-    assert failure["command"] == "sample" and failure["overrides"] == ["method=fora", "ratio=50", "num_prompts=1"]
+    assert failure["command"] == "sample" and failure["overrides"] == job.split()
 
     assert lbridge("eval", "ratio=2", "num_prompts=1", cwd=tmp_path).returncode == 0
     report = lbridge("report", "name=sweep", cwd=tmp_path)
