@@ -106,16 +106,17 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
 
 
 def test_a_sweep_goes_on_past_an_unreachable_ratio_and_the_report_lists_it(tmp_path):
-    swept = lbridge("sample", "-m", "method=fora", "ratio=50,2", "num_prompts=1", cwd=tmp_path)
+    swept = lbridge("sample", "-m", "method=fora", "ratio=50,2", "num_prompts=2", cwd=tmp_path)
     assert swept.returncode != 0
-    job = "method=fora ratio=50 num_prompts=1"
+    job = "method=fora ratio=50 num_prompts=2"
     assert f"error: {job}: ratio=50 is above the maximum reachable" in swept.stderr
     assert "1 job(s) of the sweep failed" in swept.stderr and "Traceback" not in swept.stderr
     assert set(run_dirs(tmp_path)) == {"none", "fora-r2"}  # the job after the failed one ran
     (failure,) = [json.loads(line) for line in (tmp_path / "outputs" / "failed_jobs.jsonl").open()]
     assert failure["command"] == "sample" and failure["overrides"] == job.split()
 
-    assert lbridge("eval", "ratio=2", "num_prompts=1", cwd=tmp_path).returncode == 0
+    evaluated = lbridge("eval", "ratio=2", "num_prompts=2", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
     report = lbridge("report", "name=sweep", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "outputs" / "report" / "tiny" / "sweep.md").read_text()

@@ -71,7 +71,10 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{cfg.name}.csv", out / f"{cfg.name}.md"
     table.to_csv(csv, index=False, float_format="%.4f")
-    markdown = table.to_markdown(index=False, floatfmt=".3f", missingval="")
+    # Blank, not "nan", where a row has no value (the reference's note, an unreachable row's metrics).
+    markdown = table.astype(object).where(table.notna(), None).to_markdown(
+        index=False, floatfmt=".3f", missingval=""
+    )
     command = f"lbridge report model={cfg.model.name} output_root={cfg.output_root}"
     command += (f" out={cfg.out}" if cfg.out else "") + (f" name={cfg.name}" if cfg.name != "table" else "")
     runs = f"{cfg.output_root}/sample/{cfg.model.name}"
