@@ -10,7 +10,6 @@ import importlib
 import itertools
 import sys
 from functools import partial
-from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -23,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lbridge.config import CONF_DIR, group_options
 from lbridge.errors import LbridgeError
-from lbridge.io import append_jsonl
+from lbridge.runs import record_failure
 
 COMMANDS = {
     "collect": "full-compute trajectories (final-block input/output per step) for calibration",
@@ -114,7 +113,6 @@ def quiet_libraries() -> None:
 
 #: Jobs of this multirun that stopped with an LbridgeError (the sweep goes on without them).
 FAILED_JOBS: list[str] = []
-FAILURES = "failed_jobs.jsonl"  # under output_root: `lbridge report` lists them beside the table
 
 
 def _run_command(command: str, cfg: DictConfig) -> None:
@@ -129,9 +127,7 @@ def _run_command(command: str, cfg: DictConfig) -> None:
         overrides = list(HydraConfig.get().overrides.task)
         fail(f"{' '.join(overrides)}: {err}")
         FAILED_JOBS.append(" ".join(overrides))
-        root = Path(cfg.output_root)
-        root.mkdir(parents=True, exist_ok=True)
-        append_jsonl(root / FAILURES, {"command": command, "overrides": overrides, "error": str(err)})
+        record_failure(cfg, command, overrides, str(err))
 
 
 # Hydra's own flags that take a value (`--cfg job`): that value is not an override.

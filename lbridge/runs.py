@@ -11,9 +11,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from lbridge.config import CONF_DIR
 from lbridge.errors import LbridgeError
-from lbridge.io import write_json
+from lbridge.io import append_jsonl, write_json
 
 MANIFEST = "run.json"
+FAILURES = "failed_jobs.jsonl"  # under output_root: sweep jobs that stopped with an error
+
+
+def record_failure(cfg: DictConfig, command: str, overrides: list[str], error: str) -> None:
+    """Append a failed sweep job (what it was, and why) to `<output_root>/failed_jobs.jsonl`."""
+    root = Path(cfg.output_root)
+    root.mkdir(parents=True, exist_ok=True)
+    ratio = float(cfg.ratio) if cfg.get("ratio") is not None else None
+    append_jsonl(root / FAILURES, {
+        "command": command, "overrides": overrides, "error": error,
+        "model": cfg.model.name, "method": cfg.method.name, "ratio": ratio,
+    })  # fmt: skip
 
 
 def model_key(model: DictConfig) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def test_teacache_skips_while_the_accumulated_distance_stays_under_the_threshold
     threshold = 0.3
     acc = attach(tiny, "teacache", threshold=threshold, coefficients=None)  # raw distances
     try:
-        acc.method.probe.distances = distances = []
+        acc.method.recorded_distances = distances = []
         sample(tiny, acc)
     finally:
         acc.remove()

@@ -10,6 +10,7 @@ smallest threshold that reaches it -- the one that skips least, i.e. the best qu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -24,20 +25,27 @@ START = 0.01  # first threshold tried when bracketing (relative-change indicator
 MAX_DOUBLINGS = 40
 
 
-def reached_ratio(method: AdaptiveMethod, job: CalibrationJob, threshold: float) -> float:
-    """FLOPs(full compute) / FLOPs(as run) over the calibration prompts at `threshold`."""
-    acc, adapter = job.accelerator, job.adapter
-    full = cached = 0
-    with method.thresholded(threshold):
+def sample_prompts(job: CalibrationJob, threshold: float) -> Iterator[None]:
+    """Sample each calibration prompt with the method attached at `threshold`; yields after each one
+    (the solve reads the call counters there, the fits their recorders), then detaches."""
+    acc = job.accelerator
+    with acc.method.thresholded(threshold):
         acc.attach()
         try:
             for prompt in job.prompts:
                 acc.reset()
-                adapter.generate(job.pipe, prompt.text, prompt.seed)
-                full, cached = full + acc.runtime.full_calls, cached + acc.runtime.cached_calls
+                job.adapter.generate(job.pipe, prompt.text, prompt.seed)
+                yield
         finally:
             acc.remove()
-    cost = acc.cost
+
+
+def reached_ratio(job: CalibrationJob, threshold: float) -> float:
+    """FLOPs(full compute) / FLOPs(as run) over the calibration prompts at `threshold`."""
+    runtime, cost = job.accelerator.runtime, job.accelerator.cost
+    full = cached = 0
+    for _ in sample_prompts(job, threshold):
+        full, cached = full + runtime.full_calls, cached + runtime.cached_calls
     return (full + cached) * cost.full / (full * cost.full + cached * cost.cached)
 
 
@@ -48,7 +56,7 @@ def solve_threshold(method: AdaptiveMethod, job: CalibrationJob) -> dict[str, An
     trace: list[tuple[float, float]] = []
 
     def ratio_at(threshold: float) -> float:
-        trace.append((threshold, reached_ratio(method, job, threshold)))
+        trace.append((threshold, reached_ratio(job, threshold)))
         return trace[-1][1]
 
     if method.explicit_threshold:  # given: report what it reaches, solve nothing

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from lbridge.cli import FAILURES
 from lbridge.errors import LbridgeError
 from lbridge.io import read_jsonl
+from lbridge.runs import FAILURES
 
 COLUMNS = ["method", "ratio_target", "flops_speedup", "latency_speedup"]
 NOTES = "metric_notes"  # metrics.json: what each metric is (backbone, weights, formula), for the caption
@@ -43,17 +43,14 @@ def ordered(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(_order=order).sort_values(["_order", "method", "ratio_target"]).drop(columns="_order")
 
 
-def failed_samples(root: Path, model: str) -> pd.DataFrame:
+def failed_jobs(root: Path, model: str) -> pd.DataFrame:
     """Sweep jobs of `model` that stopped with an error (an unreachable ratio, say): the first error of
     each (method, ratio), so a failed `calibrate` explains the `sample` that then had no calibration."""
-    rows = []
-    for record in read_jsonl(root / FAILURES):
-        values = dict(o.split("=", 1) for o in record["overrides"] if "=" in o)
-        if record["command"] in ("calibrate", "sample") and values.get("model", "tiny") == model:
-            rows.append(
-                {"method": values.get("method"), "ratio_target": float(values.get("ratio", 2.0)),
-                 "note": record["error"]}
-            )  # fmt: skip
+    rows = [
+        {"method": r["method"], "ratio_target": r["ratio"], "note": r["error"]}
+        for r in read_jsonl(root / FAILURES)
+        if r["command"] in ("calibrate", "sample") and r["model"] == model
+    ]
     rows = pd.DataFrame(rows, columns=["method", "ratio_target", "note"])
     return rows.drop_duplicates(subset=["method", "ratio_target"], keep="first")
 
@@ -61,7 +58,7 @@ def failed_samples(root: Path, model: str) -> pd.DataFrame:
 def run(cfg: DictConfig) -> Path:
     root = Path(cfg.output_root)
     table = gather(root, cfg.model.name)
-    failed = failed_samples(root, cfg.model.name)
+    failed = failed_jobs(root, cfg.model.name)
     evaluated = set(zip(table["method"], table["ratio_target"], strict=True))
     missing = [pair not in evaluated for pair in zip(failed["method"], failed["ratio_target"], strict=True)]
     if any(missing):  # listed in the table, not silently absent
@@ -72,8 +69,10 @@ def run(cfg: DictConfig) -> Path:
     csv, md = out / f"{cfg.name}.csv", out / f"{cfg.name}.md"
     table.to_csv(csv, index=False, float_format="%.4f")
     # Blank, not "nan", where a row has no value (the reference's note, an unreachable row's metrics).
-    markdown = table.astype(object).where(table.notna(), None).to_markdown(
-        index=False, floatfmt=".3f", missingval=""
+    markdown = (
+        table.astype(object)
+        .where(table.notna(), None)
+        .to_markdown(index=False, floatfmt=".3f", missingval="")
     )
     command = f"lbridge report model={cfg.model.name} output_root={cfg.output_root}"
     command += (f" out={cfg.out}" if cfg.out else "") + (f" name={cfg.name}" if cfg.name != "table" else "")

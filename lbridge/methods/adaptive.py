@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from lbridge.calibration.job import METADATA, CalibrationJob, read_calibration
+from lbridge.calibration.threshold import solve_threshold
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
 from lbridge.methods.base import CacheMethod
@@ -89,8 +90,6 @@ class AdaptiveMethod(CacheMethod):
         """Restore what `fit` returned."""
 
     def calibrate(self, job: CalibrationJob) -> dict[str, Any]:
-        from lbridge.calibration.threshold import solve_threshold
-
         fitted = self.fit(job)
         self.load_fitted(fitted)
         return {**solve_threshold(self, job), "fitted": fitted}

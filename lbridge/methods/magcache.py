@@ -28,6 +28,7 @@ from diffusers.hooks.mag_cache import (
 )
 
 from lbridge.calibration.job import CalibrationJob
+from lbridge.calibration.threshold import sample_prompts
 from lbridge.calibration.trajectories import block_hidden_input, block_hidden_output
 from lbridge.errors import LbridgeError
 from lbridge.methods.diffusers_cache import DiffusersBlockCache
@@ -121,62 +122,43 @@ class MagCache(DiffusersBlockCache):
             self.mag_ratios = [float(r) for r in values["mag_ratios"]]
 
 
-class _ResidualNormHook(ModelHook):
-    """Head and tail of the stack, full compute: per-token norms of the residual at every call."""
+class _ResidualTap(ModelHook):
+    """Full compute: the first block's hidden input (`head`), or the residual's per-token norm (tail)."""
 
-    def __init__(self, runtime: CacheRuntime) -> None:
+    def __init__(self, runtime: CacheRuntime, norms: dict, head: _ResidualTap | None = None) -> None:
         super().__init__()
-        self.runtime = runtime
+        self.runtime, self.norms, self.head = runtime, norms, head
         self.first_input: torch.Tensor | None = None
-        self.norms: dict[tuple[str, int], torch.Tensor] = {}
-
-    def on_head(self, block, args, kwargs) -> None:
-        self.first_input = block_hidden_input(block, args, kwargs)
-
-    def on_tail(self, block, output) -> None:
-        residual = (block_hidden_output(block, output) - self.first_input).float()
-        self.norms[(self.runtime.branch, self.runtime.step)] = torch.linalg.norm(residual, dim=-1)
-
-
-class _Tap(ModelHook):
-    def __init__(self, recorder: _ResidualNormHook, tail: bool) -> None:
-        super().__init__()
-        self.recorder, self.tail = recorder, tail
 
     def pre_forward(self, module, *args, **kwargs):
-        if not self.tail:
-            self.recorder.on_head(module, args, kwargs)
+        if self.head is None:
+            self.first_input = block_hidden_input(module, args, kwargs)
         return args, kwargs
 
     def post_forward(self, module, output):
-        if self.tail:
-            self.recorder.on_tail(module, output)
+        if self.head is not None:
+            residual = (block_hidden_output(module, output) - self.head.first_input).float()
+            self.norms[(self.runtime.branch, self.runtime.step)] = torch.linalg.norm(residual, dim=-1)
         return output
 
 
 def magnitude_ratios(job: CalibrationJob) -> list[float]:
     """mean_tokens |r_t| / |r_t-1| per step on full-compute runs, averaged over prompts and branches."""
-    acc = job.accelerator
-    blocks = job.adapter.blocks(acc.transformer)
-    recorder = _ResidualNormHook(acc.runtime)
-    names = ["lbridge.magcache.fit.head", "lbridge.magcache.fit.tail"]
-    register(blocks[0], _Tap(recorder, tail=False), names[0])
-    register(blocks[-1], _Tap(recorder, tail=True), names[1])
+    runtime = job.accelerator.runtime
+    head, *_, tail = job.adapter.blocks(job.accelerator.transformer)
+    norms: dict[tuple[str, int], torch.Tensor] = {}
+    name = "lbridge.magcache.fit"
+    first = register(head, _ResidualTap(runtime, norms), name)
+    register(tail, _ResidualTap(runtime, norms, head=first), name)
     per_step: dict[int, list[float]] = {}
     try:
-        with acc.method.thresholded(-math.inf):  # every step FULL
-            acc.attach()
-            for prompt in job.prompts:
-                acc.reset()
-                recorder.norms.clear()
-                job.adapter.generate(job.pipe, prompt.text, prompt.seed)
-                for (branch, step), norm in recorder.norms.items():
-                    if (branch, step - 1) in recorder.norms:
-                        ratio = (norm / (recorder.norms[(branch, step - 1)] + 1e-8)).mean()
-                        per_step.setdefault(step, []).append(float(ratio))
+        for _ in sample_prompts(job, -math.inf):  # every step FULL
+            for (branch, step), norm in norms.items():
+                if (branch, step - 1) in norms:
+                    ratio = (norm / (norms[(branch, step - 1)] + 1e-8)).mean()
+                    per_step.setdefault(step, []).append(float(ratio))
+            norms.clear()
     finally:
-        acc.remove()
-        remove_all(blocks[0], [names[0]])
-        remove_all(blocks[-1], [names[1]])
-    steps = len(acc.schedule)
-    return [1.0] + [float(np.mean(per_step[s])) for s in range(1, steps)]
+        remove_all(head, [name])
+        remove_all(tail, [name])
+    return [1.0] + [float(np.mean(per_step[s])) for s in range(1, len(job.accelerator.schedule))]

@@ -25,6 +25,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
 
 from lbridge.calibration.job import CalibrationJob
+from lbridge.calibration.threshold import sample_prompts
 from lbridge.calibration.trajectories import block_hidden_input, block_hidden_output
 from lbridge.errors import LbridgeError
 from lbridge.methods.adaptive import AdaptiveMethod
@@ -55,7 +56,6 @@ class TeaCacheProbeHook(ModelHook):
         super().__init__()
         self.runtime, self.method, self.adapter = runtime, method, adapter
         self.states: dict[str, _BranchState] = {}
-        self.distances: list[tuple[str, int, float]] | None = None  # recorded when fitting
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         runtime = self.runtime
@@ -64,10 +64,11 @@ class TeaCacheProbeHook(ModelHook):
             state = self.states[runtime.branch] = _BranchState()
         indicator = self.adapter.modulated_input(module, args, kwargs).detach()
         threshold, full = self.method.threshold_now(runtime), True
-        if state.previous is not None:
-            distance = relative_l1(indicator, state.previous)
-            if self.distances is not None:
-                self.distances.append((runtime.branch, runtime.step, distance))
+        recording = self.method.recorded_distances
+        if state.previous is not None and (threshold != -math.inf or recording is not None):
+            distance = relative_l1(indicator, state.previous)  # a host sync: skipped at forced steps
+            if recording is not None:
+                recording.append((runtime.branch, runtime.step, distance))
             if math.isinf(threshold):  # forced (FULL) or measuring a skip (CACHED): no rescaling needed
                 full = threshold < 0
             else:
@@ -139,6 +140,8 @@ class TeaCache(AdaptiveMethod):
         self.coefficients_mode = "fit" if coefficients == "fit" else "given"
         self.coefficients = None if coefficients in (None, "fit") else [float(c) for c in coefficients]
         self.degree = degree
+        #: (branch, step, input distance) of every call, while `fit` records them; else None.
+        self.recorded_distances: list[tuple[str, int, float]] | None = None
 
     def rescale(self, distance: float) -> float:
         if self.coefficients is None:
@@ -158,8 +161,8 @@ class TeaCache(AdaptiveMethod):
         blocks = adapter.blocks(transformer)
         for block in blocks[:-1]:
             self.add_hook(block, SkipBlockHook(runtime, block), "skip")
-        self.probe = self.add_hook(blocks[0], TeaCacheProbeHook(runtime, self, adapter), "probe")
-        self.add_hook(blocks[-1], ResidualReuseHook(runtime, self.probe), "residual")
+        probe = self.add_hook(blocks[0], TeaCacheProbeHook(runtime, self, adapter), "probe")
+        self.add_hook(blocks[-1], ResidualReuseHook(runtime, probe), "residual")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "coefficients": self.coefficients_mode}
@@ -200,25 +203,17 @@ class _OutputDistanceHook(ModelHook):
 
 def distance_pairs(method: TeaCache, job: CalibrationJob) -> tuple[np.ndarray, np.ndarray]:
     """(input distance, model-output distance) per (branch, step >= 1) of full-compute runs."""
-    acc = job.accelerator
-    recorder = register(acc.transformer, _OutputDistanceHook(acc.runtime), "lbridge.teacache.fit")
-    inputs: list[tuple[str, int, float]] = []
-    outputs: list[tuple[str, int, float]] = []
-    method.coefficients, method.coefficients_mode = None, "given"  # raw distances while fitting
+    transformer = job.accelerator.transformer
+    recorder = register(transformer, _OutputDistanceHook(job.accelerator.runtime), "lbridge.teacache.fit")
+    inputs = method.recorded_distances = []
     try:
-        with method.thresholded(-math.inf):  # every step FULL
-            acc.attach()
-            method.probe.distances = inputs
-            for prompt in job.prompts:
-                acc.reset()
-                recorder.previous.clear()
-                job.adapter.generate(job.pipe, prompt.text, prompt.seed)
-                outputs.extend(recorder.distances)
-                recorder.distances.clear()
+        # Threshold -inf: every step FULL, and the probe only records (it never rescales).
+        for _ in sample_prompts(job, -math.inf):
+            recorder.previous.clear()  # the next prompt's step 1 compares with its own step 0
     finally:
-        method.coefficients_mode = "fit"
-        acc.remove()
-        remove_all(acc.transformer, ["lbridge.teacache.fit"])
+        method.recorded_distances = None
+        remove_all(transformer, ["lbridge.teacache.fit"])
+    outputs = recorder.distances
     by_call = {(b, s): d for b, s, d in outputs}
     pairs = [(d, by_call[(b, s)]) for b, s, d in inputs if (b, s) in by_call]
     if len(pairs) <= method.degree:

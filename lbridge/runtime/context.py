@@ -103,23 +103,20 @@ class CacheRuntime:
                 f"{len(self.schedule)}: pass the same num_inference_steps to lbridge.accelerate"
             )
         self.context, self.decision = context, None
-        self._count(self.is_full, +1)
+        full = self.is_full
+        self.full_calls += full
+        self.cached_calls += not full
+        self.realised[(self.branch, self.step)] = full
         return context
 
     def decide(self, full: bool) -> None:
         """An adaptive method's verdict on the current call; steps the schedule marks FULL stay FULL."""
         full = full or self.schedule.is_full(self.step)
-        self._count(self.is_full, -1)
+        if full != self.is_full:  # move the call to the other counter
+            self.full_calls += 1 if full else -1
+            self.cached_calls -= 1 if full else -1
         self.decision = full
-        self._count(full, +1)
-
-    def _count(self, full: bool, sign: int) -> None:
-        if full:
-            self.full_calls += sign
-        else:
-            self.cached_calls += sign
-        if sign > 0:
-            self.realised[(self.branch, self.step)] = full
+        self.realised[(self.branch, self.step)] = full
 
     def reset_counts(self) -> None:
         self.full_calls = self.cached_calls = 0
