@@ -17,17 +17,14 @@ import sys
 
 import huggingface_hub
 import numpy as np
-import open_clip
 import pytest
 import torch
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from transformers import BertTokenizer
 
 from lbridge.errors import LbridgeError
 from lbridge.metrics import image_reward as ir
-from lbridge.metrics.clip_score import FORMULA, CLIPScore, clip_score
+from lbridge.metrics.clip_score import FORMULA, CLIPScore, clip_score, random_open_clip
 from lbridge.metrics.fid import FID, KID
 from lbridge.metrics.lpips_metric import LPIPS
 from lbridge.metrics.reference import psnr, ssim
@@ -196,13 +193,7 @@ def test_clip_score_of_known_embeddings_is_100_max_cos_0():
 @pytest.fixture(scope="module")
 def tiny_clip():
     """A random-init open_clip CLIP (pretrained=None) at toy size, with the real BPE tokenizer."""
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=16,
-        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-    )
-    return model.eval(), open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32")
+    return random_open_clip()
 
 
 def test_clip_score_metric_averages_100_max_cos_of_the_models_own_embeddings(tiny_clip):
@@ -218,6 +209,12 @@ def test_clip_score_metric_averages_100_max_cos_of_the_models_own_embeddings(tin
     expected = (100 * torch.nn.functional.cosine_similarity(image_emb, text_emb).clamp(min=0)).mean()
     assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-5)
     assert "100 * max(cos" in metric.description and "toy / random" in metric.description
+
+
+def test_clip_score_random_weights_needs_nothing_offline_and_says_random(offline):
+    metric = CLIPScore(random_weights=True)
+    metric.update([pil(np.full((40, 40, 3), 90))], ["a red car"])
+    assert math.isfinite(float(metric.compute())) and "toy / random" in metric.description
 
 
 def test_clip_score_unknown_tag_lists_the_accepted_ones():
@@ -256,25 +253,16 @@ def test_lpips_upsamples_tiny_images_and_loads_a_local_alexnet(tmp_path):
 
 # --- ImageReward --------------------------------------------------------------------------------------------
 
+
 #: A small config of the same structure (and so the same tensor names) as ImageReward v1.0.
-SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=32, patch_size=16, layer_norm_eps=1e-6)  # fmt: skip
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "square", "cat", "of", "the"]
-
-
 @pytest.fixture(scope="module")
 def bert_tokenizer():
     """A word-level BERT tokenizer (offline stand-in for bert-base-uncased) with BLIP's added tokens."""
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-    return tokenizer
+    return ir.toy_tokenizer()
 
 
 def small_reward_model(vocab: int) -> ir.RewardModel:
-    text = dict(vocab_size=vocab, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                layer_norm_eps=1e-12, pad_token_id=0, bos_token_id=None, sep_token_id=3)  # fmt: skip
-    return ir.RewardModel(SMALL_VISION, text)
+    return ir.toy_reward_model(vocab)
 
 
 def test_image_reward_full_size_layout_matches_the_published_checkpoint():
@@ -334,6 +322,12 @@ def test_image_reward_random_checkpoint_round_trips_and_scores_each_image(tmp_pa
     assert torch.allclose(scores, (head - 0.16717362830052426) / 1.0333394966054072, atol=1e-6)
     metric.update(images, prompts)
     assert float(metric.compute()) == pytest.approx(float(scores.mean()), abs=1e-6)
+
+
+def test_image_reward_random_weights_needs_nothing_offline_and_says_so(offline):
+    metric = ir.ImageReward(random_weights=True)
+    metric.update([pil(np.full((40, 40, 3), 90))] * 2, ["a red car", "a photo of a dog"])
+    assert math.isfinite(float(metric.compute())) and "random weights" in metric.description
 
 
 def test_image_reward_ignores_prompt_padding(bert_tokenizer):

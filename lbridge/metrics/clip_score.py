@@ -57,11 +57,27 @@ def load_open_clip(model_name: str, pretrained: str, checkpoint_path: str | None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def random_open_clip(seed: int = 0):
+    """(model, preprocess, tokenizer) of a toy open_clip CLIP with random weights and the real BPE
+    tokenizer (shipped inside open_clip): the metric's plumbing offline (tests, DRY_RUN tables)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    return model.eval(), open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32")
+
+
 class CLIPScore(Metric):
     """Mean CLIP score of (image, prompt) pairs; `update(images, prompts)`, `compute()` -> scalar.
 
-    `model`, `preprocess` and `tokenizer` may be given directly (tests use a random-init open_clip
-    CLIP); otherwise they are built from `model_name`/`pretrained` or a local `checkpoint_path`.
+    `model`, `preprocess` and `tokenizer` may be given directly; otherwise they are built from
+    `model_name`/`pretrained` or a local `checkpoint_path`, or, with `random_weights`, a toy random
+    CLIP (plumbing only: the description then says "toy / random").
     """
 
     kind = "prompted"
@@ -75,12 +91,15 @@ class CLIPScore(Metric):
         checkpoint_path: str | None = None,
         batch_size: int = 32,
         config_key: str = "metrics.clip_score",
+        random_weights: bool = False,
         model: nn.Module | None = None,
         preprocess: Callable | None = None,
         tokenizer: Callable | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if random_weights:  # no pretrained tag to claim: the description says "random"
+            (model, preprocess, tokenizer), model_name, pretrained = random_open_clip(), "toy", "random"
         if model is None:
             model, preprocess, tokenizer = load_open_clip(model_name, pretrained, checkpoint_path, config_key)
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer

@@ -171,6 +171,31 @@ def load_tokenizer(source: str, key: str, vocab_size: int = TEXT["vocab_size"]):
     return tokenizer
 
 
+#: A toy layout of the same classes (random weights): the scorer's plumbing offline.
+TOY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=16, layer_norm_eps=1e-6)  # fmt: skip
+TOY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "and", "with", "in",
+             "on", "red", "blue", "green", "square", "cat", "dog", "car", "photo"]  # fmt: skip
+
+
+def toy_tokenizer():
+    """A word-level BERT tokenizer (offline stand-in for bert-base-uncased) with BLIP's added tokens."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(TOY_WORDS)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def toy_reward_model(vocab_size: int, seed: int = 0) -> RewardModel:
+    """RewardModel of the published classes at toy width, random weights."""
+    text = dict(vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                layer_norm_eps=1e-12, pad_token_id=0, bos_token_id=None, sep_token_id=3)  # fmt: skip
+    torch.manual_seed(seed)
+    return RewardModel(TOY_VISION, text)
+
+
 class ImageReward(Metric):
     """Mean ImageReward v1.0 of (image, prompt) pairs; `update(images, prompts)`, `compute()` -> scalar."""
 
@@ -184,11 +209,16 @@ class ImageReward(Metric):
         tokenizer_path: str = "bert-base-uncased",
         batch_size: int = 8,
         config_key: str = "metrics.image_reward",
+        random_weights: bool = False,
         model: RewardModel | None = None,
         tokenizer: Callable | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        self.random_weights = random_weights
+        if random_weights:  # plumbing only (tests, DRY_RUN tables): the description says so
+            tokenizer = toy_tokenizer()
+            model = toy_reward_model(len(tokenizer))
         if model is None:
             key = f"{config_key}.checkpoint_path"
             path = checkpoint_path or str(hf_hub_file(HUB_REPO, HUB_FILE, key, "ImageReward v1.0"))
@@ -201,7 +231,8 @@ class ImageReward(Metric):
 
     @property
     def description(self) -> str:
-        return f"ImageReward v1.0 ({HUB_REPO}), reward = (head - {REWARD_MEAN:.4f}) / {REWARD_STD:.4f}"
+        weights = "toy layout, random weights (plumbing only)" if self.random_weights else HUB_REPO
+        return f"ImageReward v1.0 ({weights}), reward = (head - {REWARD_MEAN:.4f}) / {REWARD_STD:.4f}"
 
     @torch.no_grad()
     def scores(self, images: Images, prompts: Sequence[str]) -> torch.Tensor:
