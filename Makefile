@@ -9,7 +9,8 @@ DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
 
-.PHONY: install demo learnibridge-results calibrated-results methods-results test lint format tiny-model clean
+.PHONY: install demo learnibridge-results calibrated-results methods-results reproduce-tiny reproduce-table1 \
+	reproduce-table2 reproduce-table3 test lint format tiny-model clean
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -54,6 +55,23 @@ methods-results: install
 	-$(LBRIDGE) eval -m method=$(METHODS_STATIC),$(METHODS_ADAPTIVE) $(METHODS_ARGS)
 	$(LBRIDGE) report model=tiny output_root=$(METHODS_ROOT) out=results/tiny name=methods \
 		'regenerate="make methods-results"'
+
+# The paper tables (conf/table/*.yaml): every row calibrated if needed, sampled, evaluated -> results/<table>/
+# table.csv|md|tex, pareto.png, grid/. They need a CUDA GPU and the weights and stop at once without
+# them. DRY_RUN=1 runs the whole table on tiny random-weight pipelines of the same classes on CPU, in
+# minutes, under outputs/reproduce/<table>-dry-run/ (its numbers mean nothing). ARGS go to every row,
+# e.g. ARGS='overrides=["model.path=/weights/flux","prompts.path=/data/DrawBench200.txt"]'.
+REPRODUCE = $(LBRIDGE) reproduce $(if $(filter 1 true yes,$(DRY_RUN)),dry_run=true)
+reproduce-table1: install
+	$(REPRODUCE) table=table1_flux $(ARGS)
+reproduce-table2: install
+	$(REPRODUCE) table=table2_hunyuan $(ARGS)
+reproduce-table3: install
+	$(REPRODUCE) table=table3_wan $(ARGS)
+
+# Every implemented method at ratios 2-6 on the embedded tiny model, offline on CPU -> results/tiny/reproduce/.
+reproduce-tiny: install
+	$(REPRODUCE) table=tiny
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

@@ -31,8 +31,9 @@ COMMANDS = {
     "eval": "metrics of a sampled run (PSNR/SSIM vs reference, model-specific metrics)",
     "report": "gather evaluated runs of a model into a table",
     "analyze": "is the optimal final-block correction low-rank and shared across prompts? (LearniBridge)",
+    "reproduce": "every row of a results table (table=tiny|table1_flux|...): run, tabulate, plot",
 }
-GROUPS = ("model", "method", "prompts")
+GROUPS = ("model", "method", "prompts", "table")
 MAX_CHECKED_COMBINATIONS = 64
 
 USAGE = (

@@ -75,6 +75,17 @@ class AnalyzeSchema(CommonSchema):
     out: str | None = None
 
 
+@dataclass
+class ReproduceSchema:
+    """`lbridge reproduce`: the table spec (conf/table/*.yaml) stays free-form; its runner checks it."""
+
+    table: Any = None
+    dry_run: bool = False
+    overrides: list[str] = field(default_factory=list)
+    output_root: str = "outputs"
+    out: str | None = None
+
+
 # Each command's YAML names its schema first in its defaults list (conf/<command>.yaml).
 for _name, _schema in {
     "common_schema": CommonSchema,
@@ -83,6 +94,7 @@ for _name, _schema in {
     "eval_schema": EvalSchema,
     "report_schema": ReportSchema,
     "analyze_schema": AnalyzeSchema,
+    "reproduce_schema": ReproduceSchema,
 }.items():
     ConfigStore.instance().store(name=_name, node=_schema)
 

@@ -20,6 +20,7 @@ from lbridge.calibration.trajectories import load_trajectories
 from lbridge.commands.collect import collect_trajectories
 from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
 from lbridge.errors import LbridgeError
+from lbridge.methods.base import is_calibrated
 from lbridge.prompts import load_prompts
 from lbridge.runs import calibration_dir, calibration_key, key_hash
 
@@ -27,7 +28,7 @@ from lbridge.runs import calibration_dir, calibration_key, key_hash
 def run(cfg: DictConfig) -> Path:
     target_ratio(cfg)
     method = build_method(cfg.method)
-    if not hasattr(method, "calibrate"):
+    if not is_calibrated(method):
         raise LbridgeError(
             f"method '{cfg.method.name}' is training-free: it has nothing to calibrate "
             "(calibrated methods define `calibrate`)"

@@ -1,4 +1,6 @@
-"""`lbridge report`: every evaluated run of a model in one table (pandas -> csv and markdown)."""
+"""`lbridge report`: every evaluated run of a model in one table (csv, markdown, LaTeX), a speed-quality
+Pareto plot (PSNR, or the first quality metric present, vs FLOPs speedup) and one image grid per
+prompt (the full-compute image, then a line per method by increasing ratio)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,21 @@ from omegaconf import DictConfig
 
 from lbridge.errors import LbridgeError
 from lbridge.io import read_jsonl
+from lbridge.report.grid import image_grids
+from lbridge.report.pareto import pareto_plot
+from lbridge.report.tables import to_markdown, write_table
 from lbridge.runs import FAILURES
+
+QUALITY = (
+    "psnr",
+    "image_reward",
+    "clip_score",
+    "vbench",
+    "ssim",
+    "digit_fid",
+    "fid",
+)  # Pareto y, first present
+GRID_PROMPTS = 4
 
 COLUMNS = ["method", "ratio_target", "flops_speedup", "latency_speedup"]
 NOTES = "metric_notes"  # metrics.json: what each metric is (backbone, weights, formula), for the caption
@@ -34,7 +50,7 @@ def gather(root: Path, model: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     skip = {*COLUMNS, "model", "schedule", "run", "num_samples", NOTES}
     metrics = [c for c in table.columns if c not in skip]
-    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule"]]
+    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule", "run"]]
 
 
 def ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -55,6 +71,16 @@ def failed_jobs(root: Path, model: str) -> pd.DataFrame:
     return rows.drop_duplicates(subset=["method", "ratio_target"], keep="first")
 
 
+def grid_layout(root: Path, model: str, table: pd.DataFrame) -> list[list[tuple[str, Path]]]:
+    """A line per method in table order (the full-compute reference first), runs by increasing ratio."""
+    lines = []
+    for method, rows in table.dropna(subset=["run"]).groupby("method", sort=False):
+        labels = ["full compute" if method == "none" else f"{method} r{r:g}" for r in rows["ratio_target"]]
+        runs = [root / "sample" / model / run for run in rows["run"]]
+        lines.append(list(zip(labels, runs, strict=True)))
+    return lines
+
+
 def run(cfg: DictConfig) -> Path:
     root = Path(cfg.output_root)
     table = gather(root, cfg.model.name)
@@ -65,15 +91,6 @@ def run(cfg: DictConfig) -> Path:
         table = pd.concat([table, failed[missing]], ignore_index=True)
     table = ordered(table)
     out = Path(cfg.out) if cfg.out else Path(cfg.output_root) / "report" / cfg.model.name
-    out.mkdir(parents=True, exist_ok=True)
-    csv, md = out / f"{cfg.name}.csv", out / f"{cfg.name}.md"
-    table.to_csv(csv, index=False, float_format="%.4f")
-    # Blank, not "nan", where a row has no value (the reference's note, an unreachable row's metrics).
-    markdown = (
-        table.astype(object)
-        .where(table.notna(), None)
-        .to_markdown(index=False, floatfmt=".3f", missingval="")
-    )
     command = f"lbridge report model={cfg.model.name} output_root={cfg.output_root}"
     command += (f" out={cfg.out}" if cfg.out else "") + (f" name={cfg.name}" if cfg.name != "table" else "")
     runs = f"{cfg.output_root}/sample/{cfg.model.name}"
@@ -81,7 +98,17 @@ def run(cfg: DictConfig) -> Path:
     caption = f"Evaluated runs under {runs}; regenerate: {how}.\n\n"
     notes = metric_notes(root, cfg.model.name)
     caption += "".join(f"- `{name}`: {text}\n" for name, text in notes.items()) + ("\n" if notes else "")
-    md.write_text(caption + markdown + "\n")
-    print("".join(f"{name}: {text}\n" for name, text in notes.items()) + markdown)
-    print(f"\nwritten: {csv}, {md}")
+    files = write_table(table.drop(columns="run"), out, cfg.name, caption, f"{cfg.model.name}: {runs}")
+    quality = next((q for q in QUALITY if q in table and table[q].notna().any()), None)
+    if quality is not None:
+        title = f"model={cfg.model.name}, {runs}"
+        plot = pareto_plot(table, out / f"{cfg.name}_pareto.png", "flops_speedup", quality, title=title,
+                           footer=f"regenerate: {cfg.regenerate or command}")  # fmt: skip
+        files += [plot] if plot else []
+    grids = image_grids(grid_layout(root, cfg.model.name, table), out / f"{cfg.name}_grid", GRID_PROMPTS, 96)
+    print(
+        "".join(f"{name}: {text}\n" for name, text in notes.items()) + to_markdown(table.drop(columns="run"))
+    )
+    where = out / f"{cfg.name}_grid"
+    print(f"\nwritten: {', '.join(str(f) for f in files)} and {len(grids)} image grid(s) in {where}")
     return out

@@ -58,6 +58,13 @@ class CacheMethod(ABC):
         return {"name": self.name}
 
 
+def is_calibrated(method: CacheMethod | type[CacheMethod]) -> bool:
+    """Whether a method (or its class) is fitted by `lbridge calibrate`: it defines `calibrate(job)`.
+
+    Callable, not merely present: FoCa has a boolean `calibrate` option of its own."""
+    return callable(getattr(method, "calibrate", None))
+
+
 def available_methods() -> list[str]:
     return group_options("method")
 

@@ -25,7 +25,7 @@ from lbridge.calibration.job import METADATA, CalibrationJob, read_calibration
 from lbridge.calibration.trajectories import output_streams
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
-from lbridge.methods.base import CacheMethod, available_methods, load_method, method_class
+from lbridge.methods.base import CacheMethod, available_methods, is_calibrated, load_method, method_class
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook
 from lbridge.runtime.schedule import Schedule
@@ -152,4 +152,4 @@ def _training_free(name: str, params: dict[str, Any]) -> CacheMethod:
 
 
 def _is_training_free(cls: type[CacheMethod]) -> bool:
-    return cls.accelerates and not hasattr(cls, "calibrate")
+    return cls.accelerates and not is_calibrated(cls)

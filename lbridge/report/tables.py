@@ -1,0 +1,35 @@
+"""One table, three files: csv (exact values), markdown (caption + table), LaTeX (booktabs tabular)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Object columns with None where a cell has no value, so markdown/LaTeX show a blank, not "nan"."""
+    return table.astype(object).where(table.notna(), None)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    return _blank_missing(table).to_markdown(index=False, floatfmt=".3f", missingval="")
+
+
+def to_latex(table: pd.DataFrame, caption: str) -> str:
+    styler = table.style.hide(axis="index").format(precision=3, na_rep="")
+    # LaTeX special characters in labels ("N=3", "l=1.2", "%") must not break the document.
+    styler = styler.format_index(escape="latex", axis=1).format(precision=3, na_rep="", escape="latex")
+    return styler.to_latex(hrules=True, caption=caption.replace("\n", " "), position_float="centering")
+
+
+def write_table(
+    table: pd.DataFrame, out: Path, name: str, caption: str, latex_caption: str = ""
+) -> list[Path]:
+    """`out/name.{csv,md,tex}`; the markdown starts with `caption` (how it was made, what the metrics are)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md, tex = out / f"{name}.csv", out / f"{name}.md", out / f"{name}.tex"
+    table.to_csv(csv, index=False, float_format="%.4f")
+    md.write_text(caption + to_markdown(table) + "\n")
+    tex.write_text(to_latex(table, latex_caption or name) + "\n")
+    return [csv, md, tex]
