@@ -118,6 +118,7 @@ def test_video_tables_dry_run_every_row(name, tmp_path):
     assert reproduce(tmp_path, f"table={name}", "dry_run=true") == 0
     table = pd.read_csv(tmp_path / "table" / "table.csv")
     assert list(table["row"]) == [row.label for row in spec(name).rows]
+    assert "note" not in table or table["note"].isna().all()  # every row ran
     assert table["psnr"].notna().all() and table["lpips"].notna().all()
 
 
@@ -138,8 +139,9 @@ def test_a_row_whose_method_lbridge_lacks_or_cannot_reach_is_listed_with_the_rea
 def test_pareto_frontier_keeps_the_points_no_other_beats_on_speed_and_quality():
     points = pd.DataFrame({"x": [2, 3, 4, 3, 5], "y": [40, 35, 30, 20, 31]})
     assert pareto_frontier(points, "x", "y")[["x", "y"]].values.tolist() == [[2, 40], [3, 35], [5, 31]]
-    lower = pareto_frontier(points.assign(y=-points["y"]), "x", "y", higher_is_better=False)
-    assert lower["x"].tolist() == [3, 4]
+    # Lower is better (LPIPS, FID): (3, 20) now beats (2, 40) and (3, 35).
+    lower = pareto_frontier(points, "x", "y", higher_is_better=False)
+    assert lower[["x", "y"]].values.tolist() == [[3, 20], [4, 30], [5, 31]]
 
 
 def test_rows_with_ratios_expand_to_one_run_per_ratio():

@@ -6,16 +6,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lbridge.io import read_jsonl
+from lbridge.commands.sample import finished
 
-SAMPLES = "samples.jsonl"
 CELL = 192  # px: tiny 16 px digits are enlarged (nearest) to be seen; large images are shrunk
 LABEL_HEIGHT = 28
 
 
 def sample_files(run: Path) -> dict[int, Path]:
     """Prompt index -> image file of a sampled run (records whose image exists)."""
-    return {r["index"]: run / r["file"] for r in read_jsonl(run / SAMPLES) if (run / r["file"]).exists()}
+    return {index: run / record["file"] for index, record in finished(run).items()}
 
 
 def _cell(path: Path | None, label: str, side: int) -> Image.Image:
