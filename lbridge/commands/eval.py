@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from lbridge import distributed
 from lbridge.commands.sample import finished, speedups
 from lbridge.config import CONF_DIR, group_options, instantiate_node
 from lbridge.errors import LbridgeError
@@ -115,6 +116,10 @@ def compute_metric(cfg: DictConfig, name: str, inputs: EvalInputs) -> tuple[dict
 
 
 def run(cfg: DictConfig) -> Path:
+    if not distributed.world().main:
+        # Under torchrun, eval runs on rank 0 alone: set metrics (FID, KID) need the whole set, and
+        # reading images is cheap next to sampling them. The other ranks exit cleanly, having done nothing.
+        return sample_dir(cfg)
     count = len(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed))
     run_dir, ref_dir = sample_dir(cfg), sample_dir(cfg, reference_method())
     records = load_records(run_dir, count, cfg.method.name)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-import uuid
+from functools import cache
 from pathlib import Path
 from statistics import mean
 
@@ -11,23 +12,55 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from lbridge import distributed
 from lbridge.api import Accelerator
 from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
-from lbridge.io import append_jsonl, read_jsonl
+from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
 from lbridge.media import write_sample
 from lbridge.models.base import ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
 from lbridge.runs import calibration_dir, open_run, reference_method, sample_dir, sample_key
 
 SAMPLES = "samples.jsonl"
-# Tags every timed sample with the process that timed it: latencies from different processes (or
-# machines) are not comparable as a speedup, and the summary says so when it has to mix them.
-PROCESS = uuid.uuid4().hex[:12]
+RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
+#: Record fields that differ between runs of the same config (wall time, which process, which GPU);
+#: every other field, and every image, is byte-identical across reruns, resumes and process counts.
+UNDETERMINED = ("latency_s", "process", "device")
+
+
+@cache
+def process_tag() -> str:
+    """Tags every timed sample with the launch that timed it: latencies from different launches (or
+    machines) are not comparable as a speedup, and the summary says so when it has to mix them. All
+    ranks of one data-parallel launch share rank 0's tag (called by every rank at the same point)."""
+    return distributed.shared_token()
 
 
 def finished(run: Path) -> dict[int, dict]:
-    """Samples already written (their record and their image both present)."""
-    return {r["index"]: r for r in read_jsonl(run / SAMPLES) if (run / r["file"]).exists()}
+    """Samples already written (their record and their image both present), merged or not."""
+    shards = [run / SAMPLES, *sorted(run.glob(RANK_SAMPLES))]
+    return {r["index"]: r for shard in shards for r in read_jsonl(shard) if (run / r["file"]).exists()}
+
+
+def records_file(run: Path) -> Path:
+    here = distributed.world()
+    return run / (f"samples.rank-{here.rank:05d}.jsonl" if here.parallel else SAMPLES)
+
+
+def merge_records(run: Path) -> None:
+    """Rank 0, all ranks done: one samples.jsonl ordered by index, as a single process writes it.
+
+    Also drops temporary files a killed run left behind, so a resumed run's directory equals an
+    uninterrupted one. samples.jsonl is replaced before the shards go: a kill in between leaves
+    duplicates that `finished` reads as one record each.
+    """
+    records = finished(run)
+    text = "".join(json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records))
+    current = (run / SAMPLES).read_text(encoding="utf-8") if (run / SAMPLES).exists() else None
+    if text != current:
+        atomic_write_bytes(run / SAMPLES, text.encode())
+    for leftover in [*run.glob(RANK_SAMPLES), *run.glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -38,10 +71,12 @@ def _sync(device: torch.device) -> None:
 def generate_run(
     acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
 ) -> list[dict]:
-    """Generate the prompts not yet in `run`, one image each, timing every generation."""
+    """Generate the prompts of this rank not yet in `run`, one image each, timing every generation;
+    return the records of all `prompts` once every rank is done and rank 0 has merged them."""
     done = finished(run)
-    todo = [p for p in prompts if p.index not in done]
-    label = acc.method.describe()["name"]
+    todo = [p for p in distributed.mine(prompts) if p.index not in done]
+    here = distributed.world()
+    label = acc.method.describe()["name"] + (f" [rank {here.rank}/{here.size}]" if here.parallel else "")
     for _ in range(warmup if todo else 0):
         acc.reset()
         adapter.generate(acc.pipe, todo[0].text, todo[0].seed)
@@ -57,10 +92,14 @@ def generate_run(
         record = {
             "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, **files,
             "latency_s": latency, "flops": acc.sample_flops(), "schedule": acc.runtime.realised_schedule(),
-            "device": str(adapter.device), "process": PROCESS,
+            "device": str(adapter.device), "process": process_tag(),
         }  # fmt: skip
-        append_jsonl(run / SAMPLES, record)
-        done[prompt.index] = record
+        append_jsonl(records_file(run), record)
+    distributed.barrier()  # every rank's images and records are on disk
+    if here.main:
+        merge_records(run)
+    distributed.barrier()  # the merged samples.jsonl is in place for every rank to read
+    done = finished(run)
     return [done[p.index] for p in prompts]
 
 
@@ -73,6 +112,8 @@ def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
 def run(cfg: DictConfig) -> Path:
     target_ratio(cfg)
     adapter = build_adapter(cfg)
+    distributed.init(adapter.device)
+    process_tag()
     method = build_method(cfg.method)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     pipe = adapter.load_pipeline()
@@ -83,11 +124,14 @@ def run(cfg: DictConfig) -> Path:
     reference = generate_reference(cfg, adapter, pipe, prompts, None if method.accelerates else acc)
     if not method.accelerates:  # method=none: the reference is the run
         run_dir = sample_dir(cfg)
-        print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
+        if distributed.world().main:
+            print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
         return run_dir
     run_dir = open_run(sample_dir(cfg), sample_key(cfg))
     records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
     acc.remove()
+    if not distributed.world().main:  # rank 0 reports for the whole launch
+        return run_dir
 
     flops_x, latency_x = speedups(records, reference)
     schedule = acc.schedule
@@ -99,7 +143,7 @@ def run(cfg: DictConfig) -> Path:
         f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio:g}x)  latency speedup {latency_x:.2f}x  "
         f"vs method=none, same {len(prompts)} seeds"
     )
-    if any(r.get("process") != PROCESS for r in reference):
+    if any(r.get("process") != process_tag() for r in reference):
         print(
             "note: the reference images were timed by an earlier process; its latencies may not be comparable"
         )
