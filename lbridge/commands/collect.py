@@ -19,7 +19,7 @@ from lbridge.calibration.trajectories import (
 )
 from lbridge.commands.setup import build_adapter, build_method, plan
 from lbridge.errors import LbridgeError
-from lbridge.io import append_jsonl, read_jsonl
+from lbridge.io import append_jsonl, read_jsonl, safetensors_problem
 from lbridge.models.base import DTYPES, ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
 from lbridge.runs import key_hash, model_key, reference_method
@@ -55,6 +55,18 @@ def _pending(root: Path) -> list[dict]:
     return [entry for path in sorted(root.glob(PENDING)) for entry in read_jsonl(path)]
 
 
+def _readable(root: Path, manifest: dict | None) -> set[str]:
+    """Prompts whose shard is whole. A truncated or corrupt one (a disk filled up, a copy cut short)
+    is recorded again rather than failing every later calibration."""
+    readable = set()
+    for index, entry in (manifest["shards"] if manifest else {}).items():
+        if (problem := safetensors_problem(root / entry["file"])) is None:
+            readable.add(index)
+        elif distributed.world().main:
+            print(f"{root / entry['file']}: unreadable ({problem}); recording prompt {index} again")
+    return readable
+
+
 def collect_trajectories(
     cfg: DictConfig, adapter: ModelAdapter, pipe, prompts: list[Prompt], seed: int, dtype: str
 ) -> Path:
@@ -68,7 +80,7 @@ def collect_trajectories(
     root, key = trajectory_dir(cfg, seed, dtype)
     expect = {"hash": key_hash(key), "format": FORMAT}
     manifest = read_manifest(root, expect) if (root / MANIFEST).exists() else None
-    stored = set(manifest["shards"] if manifest else ()) | {str(e["index"]) for e in _pending(root)}
+    stored = {str(e["index"]) for e in _pending(root)} | _readable(root, manifest)
     todo = [p for p in distributed.mine(prompts) if str(p.index) not in stored]
     if todo:
         header = {**expect, "model": cfg.model.name, "dtype": dtype, "key": key}

@@ -120,6 +120,10 @@ def run(cfg: DictConfig) -> Path:
         # Under torchrun, eval runs on rank 0 alone: set metrics (FID, KID) need the whole set, and
         # reading images is cheap next to sampling them. The other ranks exit cleanly, having done nothing.
         return sample_dir(cfg)
+    names = list(cfg.model.get("metrics", ["psnr", "ssim"]))
+    for name in names:  # an unknown metric stops before any image is read
+        if name not in PAIRED and name not in PROMPTED:
+            metric_node(cfg, name)
     count = len(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed))
     run_dir, ref_dir = sample_dir(cfg), sample_dir(cfg, reference_method())
     records = load_records(run_dir, count, cfg.method.name)
@@ -134,7 +138,7 @@ def run(cfg: DictConfig) -> Path:
         "schedule": records[0]["schedule"], "num_samples": count,
     }  # fmt: skip
     notes = {}
-    for name in cfg.model.get("metrics", ["psnr", "ssim"]):
+    for name in names:
         if name in PAIRED:
             values = [PAIRED[name](a, b) for a, b in zip(inputs.images, inputs.ref_images, strict=True)]
             metrics[name] = mean(values) if all(math.isfinite(v) for v in values) else float("inf")

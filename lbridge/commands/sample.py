@@ -14,12 +14,21 @@ from tqdm import tqdm
 
 from lbridge import distributed
 from lbridge.api import Accelerator
+from lbridge.calibration.job import check_artifact
 from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
 from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
 from lbridge.media import write_sample
 from lbridge.models.base import ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
-from lbridge.runs import calibration_dir, open_run, reference_method, sample_dir, sample_key
+from lbridge.runs import (
+    calibration_dir,
+    calibration_key,
+    key_hash,
+    open_run,
+    reference_method,
+    sample_dir,
+    sample_key,
+)
 
 SAMPLES = "samples.jsonl"
 RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
@@ -119,6 +128,7 @@ def run(cfg: DictConfig) -> Path:
     pipe = adapter.load_pipeline()
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
     if hasattr(method, "load_calibration"):  # calibrated methods: the artifact of this very schedule
+        check_artifact(calibration_dir(cfg), calibration_key(cfg), key_hash(calibration_key(cfg)))
         method.load_calibration(calibration_dir(cfg), adapter.transformer(pipe), acc.schedule)
 
     reference = generate_reference(cfg, adapter, pipe, prompts, None if method.accelerates else acc)

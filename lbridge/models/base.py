@@ -15,6 +15,7 @@ from PIL import Image
 from lbridge.calibration.trajectories import block_hidden_input
 from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
+from lbridge.io import safetensors_problem
 
 #: What `generate` returns: an image, or the frames of a video in order.
 Sample = Image.Image | list[Image.Image]
@@ -29,6 +30,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process in data-parallel runs
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
+
+
+def check_weight_files(root: Path) -> None:
+    """A truncated or corrupt safetensors shard under a local model.path stops with the file named
+    (diffusers would report it as a generic OSError, indistinguishable from missing weights)."""
+    for file in sorted(root.rglob("*.safetensors")):
+        if (problem := safetensors_problem(file)) is not None:
+            raise LbridgeError(
+                f"model.path={root}: {file.relative_to(root)} is truncated or corrupt ({problem}); "
+                "download that file again"
+            )
 
 
 class ModelAdapter:
@@ -78,6 +90,8 @@ class ModelAdapter:
             raise LbridgeError(
                 f"model.path={self.path} does not exist: point model.path at the {self.name} weights"
             )
+        if self.path is not None:
+            check_weight_files(Path(self.path))
         try:
             pipe = pipeline_class.from_pretrained(source, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:  # hub errors subclass OSError
