@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from lbridge.config import CONF_DIR, group_options
 from lbridge.errors import LbridgeError
@@ -67,8 +67,10 @@ def check_overrides(command: str, overrides: list[str]) -> str | None:
     except HydraException as err:
         return f"cannot parse overrides: {str(err).splitlines()[0]}"
     choices = []
-    for override in parsed:
+    for override, text in zip(parsed, overrides, strict=True):
         key = override.get_key_element()
+        if not key.lstrip("+~"):
+            return f"'{text}' has no key (overrides are key=value)"
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())
         else:
@@ -81,14 +83,21 @@ def check_overrides(command: str, overrides: list[str]) -> str | None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for combo in combos:
             try:
-                compose(config_name=command, overrides=list(combo))
-            except (HydraException, OmegaConfBaseException) as err:
+                # Resolving finds a broken interpolation (`ratio=${oops}`) now, not inside the job.
+                OmegaConf.to_container(compose(config_name=command, overrides=list(combo)), resolve=True)
+            except (HydraException, OmegaConfBaseException, ValueError) as err:
                 return _explain(command, combo, err)
     return None
 
 
 def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
     first = str(err).strip().splitlines()[0]
+    if isinstance(
+        err, InterpolationResolutionError
+    ):  # e.g. "ratio=${oops}: Interpolation key 'oops' not found"
+        key = getattr(err, "full_key", None) or ""
+        override = next((o for o in combo if o.lstrip("+~").startswith(f"{key}=")), key)
+        return f"{override}: {first}" if override else first
     if first.startswith("Error merging override") and err.__cause__ is not None:
         # e.g. "num_prompts=abc: Value 'abc' of type 'str' could not be converted to Integer"
         return f"{first.removeprefix('Error merging override ')}: {str(err.__cause__).splitlines()[0]}"
@@ -135,6 +144,10 @@ VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--conf
                "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
 
 
+# Hydra flags that would swap lbridge's config tree for another: each command composes its own.
+CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
 def overrides_of(args: list[str]) -> list[str]:
     overrides, skip_next = [], False
     for arg in args:
@@ -155,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return fail(f"unknown command '{command}' (accepted: {', '.join(COMMANDS)})")
+    if foreign := [a for a in rest if a.split("=")[0] in CONFIG_FLAGS]:
+        own = f"lbridge/conf/{command}.yaml"
+        return fail(f"{foreign[0]}: each command composes its own config ({own}); pass key=value overrides")
     overrides = overrides_of(rest)
     if (error := check_overrides(command, overrides)) is not None:
         return fail(error)

@@ -28,8 +28,16 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process in data-parallel runs
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(device)
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LbridgeError(
+            f"model.device={device} is not a device (accepted: auto, cpu, cuda, cuda:N)"
+        ) from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise LbridgeError(f"model.device={device}: {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
 
 
 def check_weight_files(root: Path) -> None:
