@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import sys
+import warnings
 from functools import partial
 
 import hydra
@@ -60,7 +61,7 @@ def _value_error(key: str, value: str) -> str | None:
     return None
 
 
-def check_overrides(command: str, overrides: list[str]) -> str | None:
+def check_overrides(command: str, overrides: list[str], multirun: bool = True) -> str | None:
     """Compose every combination a sweep would run; return a one-line error or None."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -72,6 +73,8 @@ def check_overrides(command: str, overrides: list[str]) -> str | None:
         if not key.lstrip("+~"):
             return f"'{text}' has no key (overrides are key=value)"
         if override.is_sweep_override():
+            if not multirun:
+                return f"{text} is a sweep: add -m to run one job per value"
             values = list(override.sweep_string_iterator())
         else:
             values = [override.get_value_element_as_str()]
@@ -160,7 +163,14 @@ def overrides_of(args: list[str]) -> list[str]:
     return overrides
 
 
+# conf/hydra/launcher/submitit_slurm.yaml shares its name with the submitit plugin's schema, so Hydra
+# checks lbridge's defaults against it (what we want) and warns that this matching is deprecated. The
+# yaml is complete on its own (_target_ and every key): it keeps working where Hydra drops the matching.
+SCHEMA_MATCHING = r"(?s).*validated against ConfigStore schema with the same name"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=SCHEMA_MATCHING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
@@ -171,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if foreign := [a for a in rest if a.split("=")[0] in CONFIG_FLAGS]:
         own = f"lbridge/conf/{command}.yaml"
         return fail(f"{foreign[0]}: each command composes its own config ({own}); pass key=value overrides")
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    if multirun and any(a in ("-c", "--cfg", "--info", "-i") or a.startswith("--info=") for a in rest):
+        return fail("-m runs the sweep; --cfg/--info print one config: drop one of them")
     overrides = overrides_of(rest)
-    if (error := check_overrides(command, overrides)) is not None:
+    if (error := check_overrides(command, overrides, multirun)) is not None:
         return fail(error)
     quiet_libraries()
     sys.argv = [f"lbridge {command}", *rest]

@@ -9,6 +9,7 @@ one process, so those fields cannot be byte-identical; everything else is.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from helpers import assert_same_outputs, launch, without
@@ -54,7 +55,7 @@ def test_merge_orders_records_by_index_and_drops_rank_shards_and_temp_files(tmp_
     # Rank 1 was killed while writing its second line; the record of index 3 is torn, so it is not done.
     (tmp_path / "samples.rank-00001.jsonl").write_text('{"file": "00001.png", "index": 1}\n{"file": "000')
     (tmp_path / ".00003.png.abc.tmp").write_bytes(b"half")
-    merge_records(tmp_path)
+    merge_records(tmp_path, started=time.time() + 1)
     assert (tmp_path / "samples.jsonl").read_text().splitlines() == [
         json.dumps({"file": f"{i:05d}.png", "index": i}, sort_keys=True) for i in (0, 1, 2)
     ]

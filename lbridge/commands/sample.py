@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from functools import cache
@@ -56,20 +57,25 @@ def records_file(run: Path) -> Path:
     return run / (f"samples.rank-{here.rank:05d}.jsonl" if here.parallel else SAMPLES)
 
 
-def merge_records(run: Path) -> None:
-    """Rank 0, all ranks done: one samples.jsonl ordered by index, as a single process writes it.
+def merge_records(run: Path, started: float) -> None:
+    """Rank 0, all ranks done: the ranks' shards become one samples.jsonl ordered by index, as a
+    single process writes it; temporary files older than `started` (left by a killed run) go.
 
-    Also drops temporary files a killed run left behind, so a resumed run's directory equals an
-    uninterrupted one. samples.jsonl is replaced before the shards go: a kill in between leaves
-    duplicates that `finished` reads as one record each.
+    Nothing is rewritten when there are no shards: independent jobs of a sweep may be filling the
+    same reference run at once (appends and atomic renames keep that safe; duplicates are read as
+    one record), and a rewrite could drop a line another job is appending. samples.jsonl is
+    replaced before the shards go: a kill in between leaves duplicates, read as one record each.
     """
-    records = finished(run)
-    text = "".join(json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records))
-    current = (run / SAMPLES).read_text(encoding="utf-8") if (run / SAMPLES).exists() else None
-    if text != current:
+    if shards := sorted(run.glob(RANK_SAMPLES)):
+        records = finished(run)
+        text = "".join(json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records))
         atomic_write_bytes(run / SAMPLES, text.encode())
-    for leftover in [*run.glob(RANK_SAMPLES), *run.glob(".*.tmp")]:
-        leftover.unlink(missing_ok=True)
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+    for leftover in run.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < started:  # a live writer's temporary file is newer
+                leftover.unlink()
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +88,7 @@ def generate_run(
 ) -> list[dict]:
     """Generate the prompts of this rank not yet in `run`, one image each, timing every generation;
     return the records of all `prompts` once every rank is done and rank 0 has merged them."""
+    started = time.time()
     done = finished(run)
     todo = [p for p in distributed.mine(prompts) if p.index not in done]
     here = distributed.world()
@@ -106,7 +113,7 @@ def generate_run(
         append_jsonl(records_file(run), record)
     distributed.barrier()  # every rank's images and records are on disk
     if here.main:
-        merge_records(run)
+        merge_records(run, started)
     distributed.barrier()  # the merged samples.jsonl is in place for every rank to read
     done = finished(run)
     return [done[p.index] for p in prompts]
