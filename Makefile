@@ -10,6 +10,7 @@ DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
 
 .PHONY: install demo learnibridge-results calibrated-results methods-results test lint format tiny-model clean
+.PHONY: reliability-results
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -54,6 +55,13 @@ methods-results: install
 	-$(LBRIDGE) eval -m method=$(METHODS_STATIC),$(METHODS_ADAPTIVE) $(METHODS_ARGS)
 	$(LBRIDGE) report model=tiny output_root=$(METHODS_ROOT) out=results/tiny name=methods \
 		'regenerate="make methods-results"'
+
+# --- reliability (issue 7) ---------------------------------------------------------------------------
+# Every fault and bad input through the command line, and what the user sees -> results/reliability.md
+# (SIGKILL mid-run and resume, 2 gloo processes vs 1, one-line errors; ~10 minutes on 2 CPU cores).
+reliability-results: install
+	$(BIN)/python scripts/reliability_results.py
+# --- end reliability ----------------------------------------------------------------------------------
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

@@ -81,7 +81,8 @@ def check_overrides(command: str, overrides: list[str], multirun: bool = True) -
         for value in values:
             if (error := _value_error(key, value)) is not None:
                 return error
-        choices.append([f"{key}={v}" for v in values])
+        # A single value is composed as typed (Hydra's re-rendering escapes `${` as `$\{`).
+        choices.append([f"{key}={v}" for v in values] if override.is_sweep_override() else [text])
     combos = itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for combo in combos:
