@@ -11,6 +11,7 @@ DEMO_METHODS := fora,taylorseer
 
 .PHONY: install demo learnibridge-results calibrated-results methods-results reproduce-tiny reproduce-table1 \
 	reproduce-table2 reproduce-table3 test lint format tiny-model clean
+.PHONY: reliability-results
 
 # Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -72,6 +73,12 @@ reproduce-table3: install
 # Every implemented method at ratios 2-6 on the embedded tiny model, offline on CPU -> results/tiny/reproduce/.
 reproduce-tiny: install
 	$(REPRODUCE) table=tiny
+# --- reliability (issue 7) ---------------------------------------------------------------------------
+# Every fault and bad input through the command line, and what the user sees -> results/reliability.md
+# (SIGKILL mid-run and resume, 2 gloo processes vs 1, one-line errors; ~10 minutes on 2 CPU cores).
+reliability-results: install
+	$(BIN)/python scripts/reliability_results.py
+# --- end reliability ----------------------------------------------------------------------------------
 
 test: install
 	$(BIN)/ruff check lbridge scripts tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import sys
+import warnings
 from functools import partial
 
 import hydra
@@ -17,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from lbridge.config import CONF_DIR, group_options
 from lbridge.errors import LbridgeError
@@ -61,35 +62,47 @@ def _value_error(key: str, value: str) -> str | None:
     return None
 
 
-def check_overrides(command: str, overrides: list[str]) -> str | None:
+def check_overrides(command: str, overrides: list[str], multirun: bool = True) -> str | None:
     """Compose every combination a sweep would run; return a one-line error or None."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         return f"cannot parse overrides: {str(err).splitlines()[0]}"
     choices = []
-    for override in parsed:
+    for override, text in zip(parsed, overrides, strict=True):
         key = override.get_key_element()
+        if not key.lstrip("+~"):
+            return f"'{text}' has no key (overrides are key=value)"
         if override.is_sweep_override():
+            if not multirun:
+                return f"{text} is a sweep: add -m to run one job per value"
             values = list(override.sweep_string_iterator())
         else:
             values = [override.get_value_element_as_str()]
         for value in values:
             if (error := _value_error(key, value)) is not None:
                 return error
-        choices.append([f"{key}={v}" for v in values])
+        # A single value is composed as typed (Hydra's re-rendering escapes `${` as `$\{`).
+        choices.append([f"{key}={v}" for v in values] if override.is_sweep_override() else [text])
     combos = itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for combo in combos:
             try:
-                compose(config_name=command, overrides=list(combo))
-            except (HydraException, OmegaConfBaseException) as err:
+                # Resolving finds a broken interpolation (`ratio=${oops}`) now, not inside the job.
+                OmegaConf.to_container(compose(config_name=command, overrides=list(combo)), resolve=True)
+            except (HydraException, OmegaConfBaseException, ValueError) as err:
                 return _explain(command, combo, err)
     return None
 
 
 def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:
     first = str(err).strip().splitlines()[0]
+    if isinstance(
+        err, InterpolationResolutionError
+    ):  # e.g. "ratio=${oops}: Interpolation key 'oops' not found"
+        key = getattr(err, "full_key", None) or ""
+        override = next((o for o in combo if o.lstrip("+~").startswith(f"{key}=")), key)
+        return f"{override}: {first}" if override else first
     if first.startswith("Error merging override") and err.__cause__ is not None:
         # e.g. "num_prompts=abc: Value 'abc' of type 'str' could not be converted to Integer"
         return f"{first.removeprefix('Error merging override ')}: {str(err.__cause__).splitlines()[0]}"
@@ -136,6 +149,10 @@ VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--conf
                "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
 
 
+# Hydra flags that would swap lbridge's config tree for another: each command composes its own.
+CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
 def overrides_of(args: list[str]) -> list[str]:
     overrides, skip_next = [], False
     for arg in args:
@@ -148,7 +165,14 @@ def overrides_of(args: list[str]) -> list[str]:
     return overrides
 
 
+# conf/hydra/launcher/submitit_slurm.yaml shares its name with the submitit plugin's schema, so Hydra
+# checks lbridge's defaults against it (what we want) and warns that this matching is deprecated. The
+# yaml is complete on its own (_target_ and every key): it keeps working where Hydra drops the matching.
+SCHEMA_MATCHING = r"(?s).*validated against ConfigStore schema with the same name"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=SCHEMA_MATCHING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
@@ -156,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return fail(f"unknown command '{command}' (accepted: {', '.join(COMMANDS)})")
+    if foreign := [a for a in rest if a.split("=")[0] in CONFIG_FLAGS]:
+        own = f"lbridge/conf/{command}.yaml"
+        return fail(f"{foreign[0]}: each command composes its own config ({own}); pass key=value overrides")
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    if multirun and any(a in ("-c", "--cfg", "--info", "-i") or a.startswith("--info=") for a in rest):
+        return fail("-m runs the sweep; --cfg/--info print one config: drop one of them")
     overrides = overrides_of(rest)
-    if (error := check_overrides(command, overrides)) is not None:
+    if (error := check_overrides(command, overrides, multirun)) is not None:
         return fail(error)
     quiet_libraries()
     sys.argv = [f"lbridge {command}", *rest]

@@ -60,3 +60,41 @@ def read_calibration(directory: Path, method: str, schedule: Schedule | None = N
             "calibrate again with the same model, ratio and schedule"
         )
     return metadata
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"name": "tiny"}} -> {"model.name": "tiny"}: differences named as overrides are."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def check_artifact(directory: Path, key: dict[str, Any], key_hash: str) -> None:
+    """Refuse an artifact made for another config: one copied or moved into this config's directory
+    (artifact directories are named by the hash of their key, so only a hand-made copy mismatches).
+
+    The error names what differs, e.g. `ratio=4.0 (this run: 3.0)`, `model.name=flux (this run: tiny)`.
+    """
+    path = directory / METADATA
+    if not path.is_file():
+        return  # read_calibration says which command to run
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise LbridgeError(f"{path} is not valid JSON: delete {directory} and calibrate again") from None
+    if metadata.get("hash") == key_hash:
+        return
+    stored, wanted = _flat(metadata.get("key") or {}), _flat(key)
+    first = ("model.name", "method.name", "ratio")  # the usual culprits lead, then the rest by name
+    keys = sorted(
+        stored.keys() | wanted.keys(), key=lambda k: (k not in first, first.index(k) if k in first else 0, k)
+    )
+    differ = [k for k in keys if stored.get(k) != wanted.get(k)]
+    shown = ", ".join(f"{k}={stored.get(k)} (this run: {wanted.get(k)})" for k in differ[:4])
+    raise LbridgeError(
+        f"{directory} holds a calibration for another config ({shown or 'unknown key'}): "
+        "run `lbridge calibrate` with this config"
+    )

@@ -170,7 +170,8 @@ class Trajectory:
             keys = list(self._file.keys())
         except (SafetensorError, OSError) as err:
             raise LbridgeError(
-                f"trajectory shard {path} is unreadable ({err}): delete it and collect again"
+                f"trajectory shard {path} is unreadable ({err}): run `lbridge collect` with the same "
+                "config again, it records unreadable shards again"
             ) from None
         self._keys = set(keys)
         self.branches = sorted({k.split("/")[0] for k in keys})

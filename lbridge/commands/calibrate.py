@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lbridge import distributed
 from lbridge.calibration.job import METADATA, CalibrationJob
 from lbridge.calibration.trajectories import load_trajectories
 from lbridge.commands.collect import collect_trajectories
@@ -26,6 +27,11 @@ from lbridge.runs import calibration_dir, calibration_key, key_hash
 
 
 def run(cfg: DictConfig) -> Path:
+    if distributed.world().parallel:
+        raise LbridgeError(
+            "lbridge calibrate runs in one process (5 calibration prompts): launch it without "
+            "torchrun/accelerate; collect, sample and eval are the data-parallel commands"
+        )
     target_ratio(cfg)
     method = build_method(cfg.method)
     if not is_calibrated(method):

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from lbridge import distributed
 from lbridge.commands.sample import finished, speedups
 from lbridge.config import CONF_DIR, group_options, instantiate_node
 from lbridge.errors import LbridgeError
@@ -115,6 +116,14 @@ def compute_metric(cfg: DictConfig, name: str, inputs: EvalInputs) -> tuple[dict
 
 
 def run(cfg: DictConfig) -> Path:
+    if not distributed.world().main:
+        # Under torchrun, eval runs on rank 0 alone: set metrics (FID, KID) need the whole set, and
+        # reading images is cheap next to sampling them. The other ranks exit cleanly, having done nothing.
+        return sample_dir(cfg)
+    names = list(cfg.model.get("metrics", ["psnr", "ssim"]))
+    for name in names:  # an unknown metric stops before any image is read
+        if name not in PAIRED and name not in PROMPTED:
+            metric_node(cfg, name)
     count = len(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed))
     run_dir, ref_dir = sample_dir(cfg), sample_dir(cfg, reference_method())
     records = load_records(run_dir, count, cfg.method.name)
@@ -129,7 +138,7 @@ def run(cfg: DictConfig) -> Path:
         "schedule": records[0]["schedule"], "num_samples": count,
     }  # fmt: skip
     notes = {}
-    for name in cfg.model.get("metrics", ["psnr", "ssim"]):
+    for name in names:
         if name in PAIRED:
             values = [PAIRED[name](a, b) for a, b in zip(inputs.images, inputs.ref_images, strict=True)]
             metrics[name] = mean(values) if all(math.isfinite(v) for v in values) else float("inf")

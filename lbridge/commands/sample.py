@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
-import uuid
+from functools import cache
 from pathlib import Path
 from statistics import mean
 
@@ -11,23 +13,69 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from lbridge import distributed
 from lbridge.api import Accelerator
+from lbridge.calibration.job import check_artifact
 from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
-from lbridge.io import append_jsonl, read_jsonl
+from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
 from lbridge.media import write_sample
 from lbridge.models.base import ModelAdapter
 from lbridge.prompts import Prompt, load_prompts
-from lbridge.runs import calibration_dir, open_run, reference_method, sample_dir, sample_key
+from lbridge.runs import (
+    calibration_dir,
+    calibration_key,
+    key_hash,
+    open_run,
+    reference_method,
+    sample_dir,
+    sample_key,
+)
 
 SAMPLES = "samples.jsonl"
-# Tags every timed sample with the process that timed it: latencies from different processes (or
-# machines) are not comparable as a speedup, and the summary says so when it has to mix them.
-PROCESS = uuid.uuid4().hex[:12]
+RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
+#: Record fields that differ between runs of the same config (wall time, which process, which GPU);
+#: every other field, and every image, is byte-identical across reruns, resumes and process counts.
+UNDETERMINED = ("latency_s", "process", "device")
+
+
+@cache
+def process_tag() -> str:
+    """Tags every timed sample with the launch that timed it: latencies from different launches (or
+    machines) are not comparable as a speedup, and the summary says so when it has to mix them. All
+    ranks of one data-parallel launch share rank 0's tag (called by every rank at the same point)."""
+    return distributed.shared_token()
 
 
 def finished(run: Path) -> dict[int, dict]:
-    """Samples already written (their record and their image both present)."""
-    return {r["index"]: r for r in read_jsonl(run / SAMPLES) if (run / r["file"]).exists()}
+    """Samples already written (their record and their image both present), merged or not."""
+    shards = [run / SAMPLES, *sorted(run.glob(RANK_SAMPLES))]
+    return {r["index"]: r for shard in shards for r in read_jsonl(shard) if (run / r["file"]).exists()}
+
+
+def records_file(run: Path) -> Path:
+    here = distributed.world()
+    return run / (f"samples.rank-{here.rank:05d}.jsonl" if here.parallel else SAMPLES)
+
+
+def merge_records(run: Path, started: float) -> None:
+    """Rank 0, all ranks done: the ranks' shards become one samples.jsonl ordered by index, as a
+    single process writes it; temporary files older than `started` (left by a killed run) go.
+
+    Nothing is rewritten when there are no shards: independent jobs of a sweep may be filling the
+    same reference run at once (appends and atomic renames keep that safe; duplicates are read as
+    one record), and a rewrite could drop a line another job is appending. samples.jsonl is
+    replaced before the shards go: a kill in between leaves duplicates, read as one record each.
+    """
+    if shards := sorted(run.glob(RANK_SAMPLES)):
+        records = finished(run)
+        text = "".join(json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records))
+        atomic_write_bytes(run / SAMPLES, text.encode())
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+    for leftover in run.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < started:  # a live writer's temporary file is newer
+                leftover.unlink()
 
 
 def _sync(device: torch.device) -> None:
@@ -38,10 +86,13 @@ def _sync(device: torch.device) -> None:
 def generate_run(
     acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
 ) -> list[dict]:
-    """Generate the prompts not yet in `run`, one image each, timing every generation."""
+    """Generate the prompts of this rank not yet in `run`, one image each, timing every generation;
+    return the records of all `prompts` once every rank is done and rank 0 has merged them."""
+    started = time.time()
     done = finished(run)
-    todo = [p for p in prompts if p.index not in done]
-    label = acc.method.describe()["name"]
+    todo = [p for p in distributed.mine(prompts) if p.index not in done]
+    here = distributed.world()
+    label = acc.method.describe()["name"] + (f" [rank {here.rank}/{here.size}]" if here.parallel else "")
     for _ in range(warmup if todo else 0):
         acc.reset()
         adapter.generate(acc.pipe, todo[0].text, todo[0].seed)
@@ -57,10 +108,14 @@ def generate_run(
         record = {
             "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, **files,
             "latency_s": latency, "flops": acc.sample_flops(), "schedule": acc.runtime.realised_schedule(),
-            "device": str(adapter.device), "process": PROCESS,
+            "device": str(adapter.device), "process": process_tag(),
         }  # fmt: skip
-        append_jsonl(run / SAMPLES, record)
-        done[prompt.index] = record
+        append_jsonl(records_file(run), record)
+    distributed.barrier()  # every rank's images and records are on disk
+    if here.main:
+        merge_records(run, started)
+    distributed.barrier()  # the merged samples.jsonl is in place for every rank to read
+    done = finished(run)
     return [done[p.index] for p in prompts]
 
 
@@ -73,21 +128,27 @@ def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
 def run(cfg: DictConfig) -> Path:
     target_ratio(cfg)
     adapter = build_adapter(cfg)
+    distributed.init(adapter.device)
+    process_tag()
     method = build_method(cfg.method)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     pipe = adapter.load_pipeline()
     acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
     if hasattr(method, "load_calibration"):  # calibrated methods: the artifact of this very schedule
+        check_artifact(calibration_dir(cfg), calibration_key(cfg), key_hash(calibration_key(cfg)))
         method.load_calibration(calibration_dir(cfg), adapter.transformer(pipe), acc.schedule)
 
     reference = generate_reference(cfg, adapter, pipe, prompts, None if method.accelerates else acc)
     if not method.accelerates:  # method=none: the reference is the run
         run_dir = sample_dir(cfg)
-        print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
+        if distributed.world().main:
+            print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
         return run_dir
     run_dir = open_run(sample_dir(cfg), sample_key(cfg))
     records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
     acc.remove()
+    if not distributed.world().main:  # rank 0 reports for the whole launch
+        return run_dir
 
     flops_x, latency_x = speedups(records, reference)
     schedule = acc.schedule
@@ -99,7 +160,7 @@ def run(cfg: DictConfig) -> Path:
         f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio:g}x)  latency speedup {latency_x:.2f}x  "
         f"vs method=none, same {len(prompts)} seeds"
     )
-    if any(r.get("process") != PROCESS for r in reference):
+    if any(r.get("process") != process_tag() for r in reference):
         print(
             "note: the reference images were timed by an earlier process; its latencies may not be comparable"
         )

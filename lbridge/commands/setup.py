@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig
@@ -26,6 +27,8 @@ def target_ratio(cfg: DictConfig) -> float:
         ratio = float(cfg.ratio)
     except (TypeError, ValueError):
         raise LbridgeError(f"ratio={cfg.ratio} is not a number (accepted: a number >= 1)") from None
+    if not math.isfinite(ratio):
+        raise LbridgeError(f"ratio={ratio:g} is not a finite number (accepted: a number >= 1)")
     if ratio < 1:
         raise LbridgeError(f"ratio={ratio:g} must be >= 1 (1 = full compute)")
     return ratio

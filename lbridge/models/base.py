@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from PIL import Image
 from lbridge.calibration.trajectories import block_hidden_input
 from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
+from lbridge.io import safetensors_problem
 
 #: What `generate` returns: an image, or the frames of a video in order.
 Sample = Image.Image | list[Image.Image]
@@ -22,10 +24,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU."""
+    """`auto` -> CUDA when present, else CPU; under torchrun/accelerate `cuda` is this rank's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process in data-parallel runs
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LbridgeError(
+            f"model.device={device} is not a device (accepted: auto, cpu, cuda, cuda:N)"
+        ) from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise LbridgeError(f"model.device={device}: {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
+
+
+def check_weight_files(root: Path) -> None:
+    """A truncated or corrupt safetensors shard under a local model.path stops with the file named
+    (diffusers would report it as a generic OSError, indistinguishable from missing weights)."""
+    for file in sorted(root.rglob("*.safetensors")):
+        if (problem := safetensors_problem(file)) is not None:
+            raise LbridgeError(
+                f"model.path={root}: {file.relative_to(root)} is truncated or corrupt ({problem}); "
+                "download that file again"
+            )
 
 
 class ModelAdapter:
@@ -75,6 +98,8 @@ class ModelAdapter:
             raise LbridgeError(
                 f"model.path={self.path} does not exist: point model.path at the {self.name} weights"
             )
+        if self.path is not None:
+            check_weight_files(Path(self.path))
         try:
             pipe = pipeline_class.from_pretrained(source, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:  # hub errors subclass OSError

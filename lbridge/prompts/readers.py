@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lbridge.config import instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.tiny.data import class_prompt
 
@@ -124,7 +124,11 @@ class VBenchPrompts:
 def load_prompts(cfg: DictConfig, num_prompts: int, seed: int) -> list[Prompt]:
     if int(num_prompts) < 1:
         raise LbridgeError(f"num_prompts={num_prompts} must be >= 1")
-    texts = instantiate(cfg).texts(int(num_prompts))
+    reader = instantiate_node(cfg, "prompts")  # a bad key or value: one line, not a traceback
+    try:
+        texts = reader.texts(int(num_prompts))
+    except (TypeError, ValueError) as err:  # e.g. prompts.offset=abc reaches the arithmetic
+        raise LbridgeError(f"bad prompts config '{cfg.get('name')}': {err}") from None
     return [Prompt(i, text, int(seed) + i) for i, text in enumerate(texts)]
 
 
