@@ -59,9 +59,9 @@ CONFIGS: dict[str, BenchConfig] = {
         BenchConfig(
             "flux-medium", "flux",
             {**FLUX_DEV, "num_layers": 4, "num_single_layers": 8, "attention_head_dim": 64,
-             "num_attention_heads": 6, "axes_dims_rope": (8, 28, 28)},
+             "num_attention_heads": 4, "axes_dims_rope": (8, 28, 28)},
             latent=(576, 64), text_tokens=64, steps=20,
-            note="FLUX layout at 2-core CPU size: 4 double + 8 single blocks, dim 384, 576 image + 64 text "
+            note="FLUX layout at 2-core CPU size: 4 double + 8 single blocks, dim 256, 576 image + 64 text "
             "tokens",
         ),
         BenchConfig(

@@ -133,7 +133,18 @@ class SpeedBench:
         for compiled in self.options.compile_modes:
             chosen = compiled_methods if compiled and compiled_methods is not None else methods
             for name in ["none", *[m for m in chosen if m != "none"]]:
-                self.bench_method(name, compiled)
+                try:
+                    self.bench_method(name, compiled)
+                except Exception as err:  # e.g. no C++ compiler for inductor on CPU: a row says so
+                    if not compiled:
+                        raise
+                    self.emit(
+                        {
+                            "method": name,
+                            "mode": "compiled",
+                            "note": f"compile failed: {type(err).__name__}: {err}"[:300],
+                        }
+                    )
         return self.rows
 
     def bench_method(self, name: str, compiled: bool) -> None:
