@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calib-prompts", type=int, default=None, help="trajectories fitted (default 5 CUDA, 2 CPU)"
     )
     p.add_argument("--calib-steps", type=int, default=None, help="optimiser steps (default 400 CUDA, 20 CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is steadier on shared cores)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
     p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
     return p.parse_args(argv)
@@ -121,11 +123,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     methods = [m for m in args.methods.split(",") if m]
     ratios = tuple(float(r) for r in args.ratios.split(","))
     loads: list[float] = [os.getloadavg()[0]]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    stem, out = args.name or file_stem(device), Path(args.out)
 
     def on_row(row: dict[str, Any]) -> None:
         loads.append(os.getloadavg()[0])
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
         print(shown, flush=True)
+        # Rewritten after every row: a long run that is cut short still leaves its rows.
+        write_results(bench.rows, header(args, config, device, dtype, loads), out, stem)
 
     transformer = build_transformer(config, device, dtype)
     adapter = adapter_for(transformer)(name=config.name, device=str(device))
@@ -141,8 +149,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                args.calib_steps or (400 if cuda else 20))  # fmt: skip
         loads.append(os.getloadavg()[0])
         merge_calibration(rows, fits)
-    stem = args.name or file_stem(device)
-    table = write_results(rows, header(args, config, device, dtype, loads), Path(args.out), stem)
+    table = write_results(rows, header(args, config, device, dtype, loads), out, stem)
     print(table.to_string())
     return table
 

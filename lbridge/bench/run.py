@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,8 @@ DEFAULT_METHODS = (
 )  # fmt: skip
 COLUMNS = (
     "method", "ratio_target", "mode", "schedule", "flops_speedup", "latency_speedup", "efficiency",
-    "latency_s", "latency_spread", "cache_mb", "peak_mem_gb", "calibrate_s", "graphs", "recompiles",
-    "graph_breaks", "load_avg", "note",
+    "latency_s", "latency_spread", "cpu_time_speedup", "cache_mb", "peak_mem_gb", "host_syncs",
+    "calibrate_s", "graphs", "recompiles", "graph_breaks", "load_avg", "note",
 )  # fmt: skip
 
 
@@ -59,6 +60,24 @@ def method_params(name: str, steps: int) -> dict[str, Any]:
     return {}
 
 
+def host_syncs(run: Callable[[], object], device: torch.device) -> int | None:
+    """Synchronising CUDA calls (`.item()`, device-to-host copies, ...) in one untimed run.
+
+    A sync stalls the host until the GPU drains, so the Python of the following CACHED steps can no
+    longer hide behind queued GPU work: static methods should have none. None on CPU.
+    """
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -67,10 +86,12 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class Timing:
     seconds: list[float]
+    cpu_seconds: list[float]  # this process's CPU time per run: less sensitive to other jobs' load
     flops: int
     realised: str
     cache_bytes: int
     peak_bytes: int | None
+    syncs: int | None = None
 
     @property
     def median(self) -> float:
@@ -88,21 +109,26 @@ def time_runs(acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, w
     for _ in range(warmup):
         acc.reset()
         loop(steps)
-    seconds = []
+    seconds, cpu_seconds = [], []
     peak = None
     for _ in range(repeats):
         acc.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loop(steps)
         _sync(device)
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
     held = cache_bytes(acc.method)  # after a run: what the cache holds at its end
-    return Timing(seconds, acc.sample_flops(), acc.runtime.realised_schedule(), held, peak)
+    timing = Timing(seconds, cpu_seconds, acc.sample_flops(), acc.runtime.realised_schedule(), held, peak)
+    if repeats:
+        acc.reset()
+        timing.syncs = host_syncs(lambda: loop(steps), device)
+    return timing
 
 
 @dataclass
@@ -202,8 +228,11 @@ class SpeedBench:
             "efficiency": latency_x / flops_x,
             "latency_s": result.median,
             "latency_spread": result.spread,
+            "cpu_time_speedup": statistics.median(reference.cpu_seconds)
+            / statistics.median(result.cpu_seconds),
             "cache_mb": result.cache_bytes / 2**20,
             "peak_mem_gb": None if result.peak_bytes is None else result.peak_bytes / 2**30,
+            "host_syncs": result.syncs,
             **stats.row(),
             "load_avg": os.getloadavg()[0],
         }
