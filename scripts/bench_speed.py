@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calib-prompts", type=int, default=None, help="trajectories fitted (default 5 CUDA, 2 CPU)"
     )
     p.add_argument("--calib-steps", type=int, default=None, help="optimiser steps (default 400 CUDA, 20 CPU)")
+    p.add_argument("--retime-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="time full compute again before each method (shared machines drift)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on shared cores)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     adapter = adapter_for(transformer)(name=config.name, device=str(device))
     modes = (False, True) if args.compile else (False,)
     options = BenchOptions(ratios=ratios, repeats=args.repeats, warmup_runs=args.warmup_runs,
-                           compile_modes=modes, on_row=on_row,
+                           compile_modes=modes, on_row=on_row, retime_reference=args.retime_reference,
                            compile_options={"backend": args.compile_backend})  # fmt: skip
     bench = SpeedBench(config, transformer, adapter, device, dtype, options)
     compiled = [m for m in (args.compile_methods or args.methods).split(",") if m]

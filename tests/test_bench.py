@@ -62,7 +62,7 @@ def test_columns_and_rows(table):
     frame = pd.read_csv(table / "cpu.csv", comment="#")
     assert set(frame.columns) <= set(COLUMNS)
     for column in ("method", "ratio_target", "mode", "flops_speedup", "latency_speedup", "efficiency",
-                   "cache_mb", "calibrate_s", "graphs", "recompiles"):  # fmt: skip
+                   "reference_s", "cache_mb", "calibrate_s", "graphs", "recompiles"):  # fmt: skip
         assert column in frame.columns
     eager = frame[frame["mode"] == "eager"]
     assert set(eager["method"]) == {"none", *METHODS.split(",")}

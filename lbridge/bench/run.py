@@ -44,7 +44,7 @@ DEFAULT_METHODS = (
 )  # fmt: skip
 COLUMNS = (
     "method", "ratio_target", "mode", "schedule", "flops_speedup", "latency_speedup", "efficiency",
-    "latency_s", "latency_spread", "cpu_time_speedup", "cache_mb", "peak_mem_gb", "host_syncs",
+    "latency_s", "reference_s", "latency_spread", "cpu_time_speedup", "cache_mb", "peak_mem_gb", "host_syncs",
     "calibrate_s", "graphs", "recompiles", "graph_breaks", "load_avg", "note",
 )  # fmt: skip
 
@@ -103,7 +103,9 @@ class Timing:
         return (max(self.seconds) - min(self.seconds)) / self.median
 
 
-def time_runs(acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, warmup: int) -> Timing:
+def time_runs(
+    acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, warmup: int, count_syncs: bool = True
+) -> Timing:
     """`warmup` untimed runs, then `repeats` timed runs of the whole denoising loop."""
     device = loop.latents.device
     for _ in range(warmup):
@@ -125,7 +127,7 @@ def time_runs(acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, w
             peak = torch.cuda.max_memory_allocated(device)
     held = cache_bytes(acc.method)  # after a run: what the cache holds at its end
     timing = Timing(seconds, cpu_seconds, acc.sample_flops(), acc.runtime.realised_schedule(), held, peak)
-    if repeats:
+    if repeats and count_syncs:
         acc.reset()
         timing.syncs = host_syncs(lambda: loop(steps), device)
     return timing
@@ -138,6 +140,8 @@ class BenchOptions:
     warmup_runs: int = 1
     schedule_warmup: int = 1
     compile_modes: tuple[bool, ...] = (False,)
+    #: Time full compute again before each method: on a shared machine the load drifts within a run.
+    retime_reference: bool = True
     on_row: Callable[[dict[str, Any]], None] | None = None
     #: torch.compile keyword arguments (tests use backend="eager": dynamo's tracing without inductor).
     compile_options: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +157,7 @@ class SpeedBench:
         self.steps = config.steps
         self.rows: list[dict[str, Any]] = []
         self.reference: dict[bool, Timing] = {}  # compile mode -> the full-compute timing
+        self.reference_acc: Accelerator | None = None
 
     def run(self, methods: list[str], compiled_methods: list[str] | None = None) -> list[dict[str, Any]]:
         """Eager, then compiled (when enabled), each pass starting with its full-compute reference."""
@@ -180,6 +185,10 @@ class SpeedBench:
         acc.plan(1.0, {"num_inference_steps": self.steps}, warmup=self.options.schedule_warmup)
         ratios = self.options.ratios if method.accelerates else (1.0,)
         previous: tuple[Schedule, dict] | None = None
+        if name == "none":
+            self.reference_acc = acc
+        elif self.options.retime_reference and self.reference_acc is not None:
+            self.retime_reference(compiled)
         with compiled_regions(acc, compiled, **self.options.compile_options) as stats:
             for ratio in ratios:
                 row = {"method": name, "ratio_target": ratio, "mode": "compiled" if compiled else "eager"}
@@ -199,6 +208,17 @@ class SpeedBench:
                 row.update(self.describe(result, compiled, stats))
                 self.emit(row)
                 previous = (schedule, row)
+
+    def retime_reference(self, compiled: bool) -> None:
+        """Full compute timed again (same repeats), so a method is compared with the load of its time."""
+        acc = self.reference_acc
+        with compiled_regions(acc, compiled, **self.options.compile_options):
+            acc.attach()
+            warmup = 1 if compiled else 0  # the compiled graphs exist; the warm-up only re-enters them
+            self.reference[compiled] = time_runs(
+                acc, self.loop, self.steps, self.options.repeats, warmup, False
+            )
+            acc.remove()
 
     def schedule_for(self, acc: Accelerator, ratio: float) -> Schedule:
         if not acc.method.accelerates:
@@ -227,6 +247,7 @@ class SpeedBench:
             "latency_speedup": latency_x,
             "efficiency": latency_x / flops_x,
             "latency_s": result.median,
+            "reference_s": reference.median,
             "latency_spread": result.spread,
             "cpu_time_speedup": statistics.median(reference.cpu_seconds)
             / statistics.median(result.cpu_seconds),
