@@ -14,7 +14,7 @@ from lbridge.api import Accelerator
 from lbridge.bench.compile import compiled_regions
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
-from lbridge.bench.run import COLUMNS, method_params
+from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
 from lbridge.runtime.schedule import Schedule
@@ -114,3 +114,17 @@ def test_compiled_regions_are_restored():
     with compiled_regions(acc, True, backend="eager"):
         assert all("forward" in b.__dict__ for b in blocks)
     assert not any("forward" in b.__dict__ for b in blocks)
+
+
+@pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
+def test_video_families_run_the_same_bench(config):
+    """The Wan (CFG: two branches per step) and HunyuanVideo loops run a method's schedule as planned."""
+    cfg = CONFIGS[config]
+    transformer = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    adapter = adapter_for(transformer)(name=config, device="cpu")
+    bench = SpeedBench(cfg, transformer, adapter, torch.device("cpu"), torch.float32,
+                       BenchOptions(ratios=(2,), repeats=1, warmup_runs=0))  # fmt: skip
+    rows = bench.run(["fora"])
+    fora = next(r for r in rows if r["method"] == "fora")
+    assert fora["flops_speedup"] >= 2.0 and "c" in fora["schedule"]
+    assert fora["cache_mb"] > 0

@@ -80,6 +80,19 @@ CONFIGS: dict[str, BenchConfig] = {
             note="Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 480x832x81 frames (32760 tokens), CFG 2 calls/step",
         ),
         BenchConfig(
+            "wan-tiny", "wan",
+            dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32),
+            latent=(4, 2, 8, 8), text_tokens=8, steps=6, guidance=5.0, note="tests only",
+        ),
+        BenchConfig(
+            "hunyuan-tiny", "hunyuan_video",
+            dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                 num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+                 pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)),
+            latent=(4, 2, 8, 8), text_tokens=8, steps=6, guidance=6.0, note="tests only",
+        ),
+        BenchConfig(
             "hunyuan-video", "hunyuan_video",
             dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
                  num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
