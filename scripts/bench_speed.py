@@ -100,7 +100,8 @@ def write_results(rows: list[dict[str, Any]], lines: list[str], out: Path, stem:
         f.writelines(f"# {line}\n" for line in lines)
         table.to_csv(f, index=False, float_format="%.4f")
     text = "\n".join(f"- {line}" for line in lines)
-    markdown = table.to_markdown(index=False, floatfmt=".3f", missingval="")
+    shown = table.astype(object).where(table.notna(), None)  # blank cells, not "nan"
+    markdown = shown.to_markdown(index=False, floatfmt=".3f", missingval="")
     (out / f"{stem}.md").write_text(f"# Speed: {stem}\n\n{text}\n\n{markdown}\n")
     return table
 
