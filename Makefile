@@ -80,6 +80,15 @@ reliability-results: install
 	$(BIN)/python scripts/reliability_results.py
 # --- end reliability ----------------------------------------------------------------------------------
 
+# Speed: latency vs FLOPs speedup of every method, eager and regionally compiled, on a random-weight
+# transformer of a real config -> results/speed/<device>.{csv,md} (scripts/bench_speed.py --help).
+# CPU (no CUDA): the flux-medium config, ~20-30 min on 2 shared cores. On a GPU:
+#   make bench BENCH_ARGS="--device cuda --config flux-dev"   (also wan21-1.3b, hunyuan-video)
+.PHONY: bench
+BENCH_ARGS ?= --threads 1 --repeats 3 --compile-methods none,fora,toca,learnibridge
+bench: install
+	$(BIN)/python scripts/bench_speed.py $(BENCH_ARGS)
+
 test: install
 	$(BIN)/ruff check lbridge scripts tests
 	$(BIN)/python -m pytest -q -n 2

@@ -53,7 +53,7 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "prompts.path=/nowhere.txt is not a file",
         ),
         (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
-        (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report, analyze, reproduce)"),
+        (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report, analyze, "),
         (["eval", "method=fora", "ratio=3"], "run `lbridge sample` first"),
         (["calibrate", "method=fora"], "training-free"),
         (["sample", "model=flux", "model.device=cpu"], "set model.path"),

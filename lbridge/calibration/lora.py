@@ -312,9 +312,11 @@ def train_adapter(
             loss.backward()
             optimizer.step()
             decay.step()
-            losses.append(loss.item())
+            # Kept on the device: `.item()` here would stall the host on the GPU at every step.
+            losses.append(loss.detach())
     mse_after = mean_loss(bridge, loader, pairs, batch_size, space)
-    return TrainResult(losses, mse_before, mse_after, time.perf_counter() - start)
+    curve = torch.stack(losses).tolist() if losses else []
+    return TrainResult(curve, mse_before, mse_after, time.perf_counter() - start)
 
 
 # -- files -----------------------------------------------------------------------------------------

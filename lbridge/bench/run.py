@@ -1,0 +1,270 @@
+"""Latency vs FLOPs speedup of every method on one transformer config, in one process.
+
+Each method is planned by `lbridge.api.Accelerator` (FLOPs of a FULL and a CACHED call counted with
+FlopCounterMode, as `lbridge sample` does), its schedule solved for each target ratio, and the
+denoising loop timed with the method's hooks installed: one warm-up run, then the median of
+`repeats` runs, device-synchronised. FLOPs per run are counted call by call as the calls ran.
+
+Adaptive methods (TeaCache, FirstBlockCache, MagCache) are timed on the static schedule of the
+ratio: their probe runs at every candidate step with a finite threshold too large to trigger a
+FULL step (TeaCache's distance and its host sync included), so what is timed is their real cached
+path at a known FLOPs ratio; how well a solved threshold places the FULL steps is a quality question
+(`make methods-results`), not a runtime one. Calibrated methods (L2P, TCC, LearniBridge) run
+uncalibrated: their weights (reuse, zero priors, zero-initialised LoRA of the configured rank) cost
+exactly what calibrated ones do.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lbridge.api import Accelerator
+from lbridge.bench.compile import CompileStats, compiled_regions
+from lbridge.bench.memory import cache_bytes
+from lbridge.bench.models import BenchConfig, DenoisingLoop
+from lbridge.errors import LbridgeError
+from lbridge.methods.base import load_method
+from lbridge.models.base import ModelAdapter
+from lbridge.runtime.context import CacheRuntime, SchedulerClock
+from lbridge.runtime.schedule import Schedule, solve
+
+#: A threshold no indicator reaches: adaptive probes run and skip every candidate step.
+NEVER = 1e30
+DEFAULT_METHODS = (
+    "none", "fora", "taylorseer", "foca", "toca", "teacache", "fbcache", "magcache", "l2p", "tcc",
+    "learnibridge",
+)  # fmt: skip
+COLUMNS = (
+    "method", "ratio_target", "mode", "schedule", "flops_speedup", "latency_speedup", "efficiency",
+    "latency_s", "reference_s", "latency_spread", "cpu_time_speedup", "cpu_efficiency", "cache_mb",
+    "peak_mem_gb", "host_syncs", "calibrate_s", "graphs", "recompiles", "graph_breaks", "load_avg", "note",
+)  # fmt: skip
+
+
+def method_params(name: str, steps: int) -> dict[str, Any]:
+    """Parameters that make a method runnable without calibration, at the cost it has calibrated."""
+    if name in ("teacache", "fbcache"):
+        return {"threshold": NEVER, **({"coefficients": None} if name == "teacache" else {})}
+    if name == "magcache":
+        return {"threshold": NEVER, "mag_ratios": [1.0] * steps, "max_skip_steps": steps}
+    if name == "learnibridge":
+        return {"loss": "block"}
+    return {}
+
+
+def host_syncs(run: Callable[[], object], device: torch.device) -> int | None:
+    """Synchronising CUDA calls (`.item()`, device-to-host copies, ...) in one untimed run.
+
+    A sync stalls the host until the GPU drains, so the Python of the following CACHED steps can no
+    longer hide behind queued GPU work: static methods should have none. None on CPU.
+    """
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    seconds: list[float]
+    cpu_seconds: list[float]  # this process's CPU time per run: less sensitive to other jobs' load
+    flops: int
+    realised: str
+    cache_bytes: int
+    peak_bytes: int | None
+    syncs: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the timed repeats: how noisy this row is."""
+        return (max(self.seconds) - min(self.seconds)) / self.median
+
+
+def time_runs(
+    acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, warmup: int, count_syncs: bool = True
+) -> Timing:
+    """`warmup` untimed runs, then `repeats` timed runs of the whole denoising loop."""
+    device = loop.latents.device
+    for _ in range(warmup):
+        acc.reset()
+        loop(steps)
+    seconds, cpu_seconds = [], []
+    peak = None
+    for _ in range(repeats):
+        acc.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loop(steps)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+    held = cache_bytes(acc.method)  # after a run: what the cache holds at its end
+    timing = Timing(seconds, cpu_seconds, acc.sample_flops(), acc.runtime.realised_schedule(), held, peak)
+    if repeats and count_syncs:
+        acc.reset()
+        timing.syncs = host_syncs(lambda: loop(steps), device)
+    return timing
+
+
+@dataclass
+class BenchOptions:
+    ratios: tuple[float, ...] = (2, 3, 4, 5, 6)
+    repeats: int = 3
+    warmup_runs: int = 1
+    schedule_warmup: int = 1
+    compile_modes: tuple[bool, ...] = (False,)
+    #: Time full compute again before each method: on a shared machine the load drifts within a run.
+    retime_reference: bool = True
+    on_row: Callable[[dict[str, Any]], None] | None = None
+    #: torch.compile keyword arguments (tests use backend="eager": dynamo's tracing without inductor).
+    compile_options: dict[str, Any] = field(default_factory=dict)
+
+
+class SpeedBench:
+    """One transformer, one input, every (method, ratio) timed in the same process."""
+
+    def __init__(self, config: BenchConfig, transformer: torch.nn.Module, adapter: ModelAdapter,
+                 device: torch.device, dtype: torch.dtype, options: BenchOptions) -> None:  # fmt: skip
+        self.config, self.adapter, self.options = config, adapter, options
+        self.loop = DenoisingLoop(transformer, config, device, dtype)
+        self.steps = config.steps
+        self.rows: list[dict[str, Any]] = []
+        self.reference: dict[bool, Timing] = {}  # compile mode -> the full-compute timing
+        self.reference_acc: Accelerator | None = None
+
+    def run(self, methods: list[str], compiled_methods: list[str] | None = None) -> list[dict[str, Any]]:
+        """Eager, then compiled (when enabled), each pass starting with its full-compute reference."""
+        for compiled in self.options.compile_modes:
+            chosen = compiled_methods if compiled and compiled_methods is not None else methods
+            for name in ["none", *[m for m in chosen if m != "none"]]:
+                try:
+                    self.bench_method(name, compiled)
+                except Exception as err:  # e.g. no C++ compiler for inductor on CPU: a row says so
+                    if not compiled:
+                        raise
+                    self.emit(
+                        {
+                            "method": name,
+                            "mode": "compiled",
+                            "note": f"compile failed: {type(err).__name__}: {err}"[:300],
+                        }
+                    )
+        return self.rows
+
+    def bench_method(self, name: str, compiled: bool) -> None:
+        method = load_method(name, **method_params(name, self.steps))
+        acc = Accelerator(self.loop, method, self.adapter)
+        # Ratio 1: only the costs of a FULL and a CACHED call; each ratio's schedule is solved below.
+        acc.plan(1.0, {"num_inference_steps": self.steps}, warmup=self.options.schedule_warmup)
+        ratios = self.options.ratios if method.accelerates else (1.0,)
+        previous: tuple[Schedule, dict] | None = None
+        if name == "none":
+            self.reference_acc = acc
+        elif self.options.retime_reference and self.reference_acc is not None:
+            self.retime_reference(compiled)
+        with compiled_regions(acc, compiled, **self.options.compile_options) as stats:
+            for ratio in ratios:
+                row = {"method": name, "ratio_target": ratio, "mode": "compiled" if compiled else "eager"}
+                try:
+                    schedule = self.schedule_for(acc, ratio)
+                except LbridgeError as err:
+                    self.emit({**row, "note": str(err).split(";")[0]})
+                    continue
+                if previous is not None and previous[0] == schedule:  # same work: no need to time it again
+                    self.emit(
+                        {**previous[1], "ratio_target": ratio, "note": "same schedule as the row above"}
+                    )
+                    continue
+                result = self.time_schedule(acc, schedule, stats, first=previous is None)
+                if name == "none":
+                    self.reference[compiled] = result
+                row.update(self.describe(result, compiled, stats))
+                self.emit(row)
+                previous = (schedule, row)
+
+    def retime_reference(self, compiled: bool) -> None:
+        """Full compute timed again (same repeats), so a method is compared with the load of its time."""
+        acc = self.reference_acc
+        with compiled_regions(acc, compiled, **self.options.compile_options):
+            acc.attach()
+            warmup = 1 if compiled else 0  # the compiled graphs exist; the warm-up only re-enters them
+            self.reference[compiled] = time_runs(
+                acc, self.loop, self.steps, self.options.repeats, warmup, False
+            )
+            acc.remove()
+
+    def schedule_for(self, acc: Accelerator, ratio: float) -> Schedule:
+        if not acc.method.accelerates:
+            return Schedule.all_full(self.steps)
+        return solve(self.steps, acc.cost.full, acc.cost.cached, float(ratio), self.options.schedule_warmup)
+
+    def time_schedule(self, acc: Accelerator, schedule: Schedule, stats: CompileStats, first: bool) -> Timing:
+        acc.remove()
+        acc.runtime = CacheRuntime(SchedulerClock(self.loop.scheduler), schedule)
+        acc.attach()
+        # Every new schedule gets its warm-up: compiled regions may meet new shapes on a new pattern.
+        warmup = max(self.options.warmup_runs, 1 if first else 0)
+        stats.mark_warm(lambda: time_runs(acc, self.loop, self.steps, 0, warmup))
+        result = time_runs(acc, self.loop, self.steps, self.options.repeats, 0)
+        stats.mark_timed()
+        acc.remove()
+        return result
+
+    def describe(self, result: Timing, compiled: bool, stats: CompileStats) -> dict:
+        reference = self.reference[compiled]
+        flops_x = reference.flops / result.flops
+        latency_x = reference.median / result.median
+        # This process's CPU time: on shared cores the load-robust measure of the same work (on CUDA
+        # the host mostly waits for the GPU: left blank).
+        cpu_x = statistics.median(reference.cpu_seconds) / statistics.median(result.cpu_seconds)
+        if self.loop.latents.device.type == "cuda":
+            cpu_x = None
+        return {
+            "schedule": result.realised,
+            "flops_speedup": flops_x,
+            "latency_speedup": latency_x,
+            "efficiency": latency_x / flops_x,
+            "latency_s": result.median,
+            "reference_s": reference.median,
+            "latency_spread": result.spread,
+            "cpu_time_speedup": cpu_x,
+            "cpu_efficiency": None if cpu_x is None else cpu_x / flops_x,
+            "cache_mb": result.cache_bytes / 2**20,
+            "peak_mem_gb": None if result.peak_bytes is None else result.peak_bytes / 2**30,
+            "host_syncs": result.syncs,
+            **stats.row(),
+            "load_avg": os.getloadavg()[0],
+        }
+
+    def emit(self, row: dict[str, Any]) -> None:
+        row = {k: row.get(k) for k in COLUMNS}
+        self.rows.append(row)
+        if self.options.on_row is not None:
+            self.options.on_row(row)

@@ -1,0 +1,94 @@
+"""Time per CACHED call of each method against what its FLOPs share of a FULL call predicts.
+
+    python scripts/profile_cached_step.py --methods fora,toca,learnibridge          # flux-medium, CPU
+    python scripts/profile_cached_step.py --device cuda --config flux-dev --profile fora
+
+A run of one FULL step then only CACHED steps, minus a FULL call, over the number of CACHED calls:
+the excess over the FLOPs share is what the latency/FLOPs efficiency loses per CACHED step. CPU: this
+process's CPU time (steady on shared cores); CUDA: synchronised wall time. `--profile METHOD` prints
+torch.profiler's op table of that method's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lbridge.api import Accelerator
+from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+from lbridge.bench.run import method_params
+from lbridge.methods.base import load_method
+from lbridge.models.base import DTYPES, adapter_for, resolve_device
+from lbridge.runtime.context import CacheRuntime, SchedulerClock
+from lbridge.runtime.schedule import Schedule
+
+
+def run_seconds(loop: DenoisingLoop, acc: Accelerator, runs: int) -> float:
+    """Median seconds of the loop (CPU time on CPU, synchronised wall time on CUDA)."""
+    cuda = loop.latents.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    times = []
+    for _ in range(runs + 1):  # the first is a warm-up
+        acc.reset()
+        if cuda:
+            torch.cuda.synchronize()
+        start = clock()
+        loop(loop.config.steps)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(clock() - start)
+    return statistics.median(times[1:])
+
+
+def attached(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
+    acc = Accelerator(loop, load_method(name, **method_params(name, loop.config.steps)), adapter)
+    acc.plan(1.0, {"num_inference_steps": loop.config.steps})
+    acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
+    return acc.attach()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", default="flux-medium", choices=sorted(CONFIGS))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument(
+        "--methods", default="fora,taylorseer,foca,toca,l2p,tcc,learnibridge,teacache,fbcache,magcache"
+    )
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    config = CONFIGS[args.config]
+    loop = DenoisingLoop(build_transformer(config, device, dtype), config, device, dtype)
+    adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
+    steps = config.steps
+    reference = attached(loop, adapter, "none", "F" * steps)
+    full = run_seconds(loop, reference, args.runs) / steps
+    reference.remove()
+    print(f"FULL call: {1000 * full:.2f} ms")
+    for name in args.methods.split(","):
+        acc = attached(loop, adapter, name, "F" + "c" * (steps - 1))
+        cached = (run_seconds(loop, acc, args.runs) - full) / (steps - 1)
+        predicted = full * acc.cost.cached / acc.cost.full
+        print(
+            f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts {1000 * predicted:7.2f} ms"
+        )
+        if name == args.profile:
+            acc.reset()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                loop(steps)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        acc.remove()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""scripts/bench_speed.py on the tiny FLUX-layout config: the table's structure and its FLOPs column.
+
+Timings are never asserted (they depend on the machine and its load); FLOPs are deterministic.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lbridge.api import Accelerator
+from lbridge.bench.compile import compiled_regions
+from lbridge.bench.memory import cache_bytes
+from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params
+from lbridge.methods.base import load_method
+from lbridge.models.base import adapter_for
+from lbridge.runtime.schedule import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = "fora,taylorseer,toca,teacache,learnibridge"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    args = ["--device", "cpu", "--config", "flux-tiny", "--methods", METHODS, "--ratios", "2,3",
+            "--repeats", "1", "--compile-backend", "eager", "--compile-methods", "fora,learnibridge",
+            "--calib-prompts", "1", "--calib-steps", "2", "--out", str(out)]  # fmt: skip
+    load_script().main(args)
+    return out
+
+
+def planned(name: str):
+    config = CONFIGS["flux-tiny"]
+    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
+    loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+    acc = Accelerator(
+        loop, load_method(name, **method_params(name, config.steps)), adapter_for(transformer)(name="t")
+    )
+    acc.plan(1.0, {"num_inference_steps": config.steps})
+    return acc, loop
+
+
+def test_files_say_how_they_were_made(table):
+    csv = (table / "cpu.csv").read_text()
+    for key in ("# command: python scripts/bench_speed.py", "# device:", "# torch", "load average"):
+        assert key in csv
+    assert "| method" in (table / "cpu.md").read_text()
+
+
+def test_columns_and_rows(table):
+    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    assert set(frame.columns) <= set(COLUMNS)
+    for column in ("method", "ratio_target", "mode", "flops_speedup", "latency_speedup", "efficiency",
+                   "reference_s", "cache_mb", "calibrate_s", "graphs", "recompiles"):  # fmt: skip
+        assert column in frame.columns
+    eager = frame[frame["mode"] == "eager"]
+    assert set(eager["method"]) == {"none", *METHODS.split(",")}
+    assert set(frame[frame["mode"] == "compiled"]["method"]) == {"none", "fora", "learnibridge"}
+    timed = frame.dropna(subset=["latency_speedup"])
+    assert (timed["efficiency"] - timed["latency_speedup"] / timed["flops_speedup"]).abs().max() < 1e-3
+    assert (eager[eager["method"] == "learnibridge"]["calibrate_s"].dropna() > 0).any()
+    assert frame[frame["method"] == "none"]["flops_speedup"].eq(1.0).all()
+
+
+@pytest.mark.parametrize("method", ["fora", "taylorseer", "teacache"])
+def test_flops_speedup_is_the_schedule_ratio(table, method):
+    """flops_speedup is lbridge's count, as `lbridge sample` reports it: full-compute FLOPs over the
+    method's calls as they ran (its FULL calls may cost more than a plain one: TeaCache's probe)."""
+    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    acc, _ = planned(method)
+    full, _ = planned("none")
+    rows = frame[(frame["method"] == method) & (frame["mode"] == "eager")].dropna(subset=["schedule"])
+    assert len(rows) > 0
+    for _, row in rows.iterrows():
+        schedule = Schedule.parse(row["schedule"])
+        flops = schedule.num_full * acc.cost.full + schedule.num_cached * acc.cost.cached
+        assert row["flops_speedup"] == pytest.approx(len(schedule) * full.cost.full / flops, rel=1e-3)
+        assert row["flops_speedup"] >= row["ratio_target"] - 1e-6
+
+
+def test_cached_steps_never_recompile(table):
+    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    compiled = frame[frame["mode"] == "compiled"].dropna(subset=["recompiles"])
+    assert len(compiled) > 0
+    assert (compiled["recompiles"] == 0).all()
+    assert (compiled["graph_breaks"] == 0).all()
+
+
+def test_cache_bytes_counts_what_the_hooks_hold():
+    acc, loop = planned("fora")
+    acc.attach()
+    assert cache_bytes(acc.method) == 0
+    loop(CONFIGS["flux-tiny"].steps)
+    held = cache_bytes(acc.method)
+    acc.remove()
+    final = 1 * (16 + 8) * 32 * 4  # FORA site=stack: the final block's output, hidden + text tokens, float32
+    assert held >= 16 * 32 * 4 and held <= 2 * final
+
+
+def test_compiled_regions_are_restored():
+    acc, _ = planned("fora")
+    blocks = acc.adapter.blocks(acc.transformer)
+    with compiled_regions(acc, True, backend="eager"):
+        assert all("forward" in b.__dict__ for b in blocks)
+    assert not any("forward" in b.__dict__ for b in blocks)
+
+
+@pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
+def test_video_families_run_the_same_bench(config):
+    """The Wan (CFG: two branches per step) and HunyuanVideo loops run a method's schedule as planned."""
+    cfg = CONFIGS[config]
+    transformer = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    adapter = adapter_for(transformer)(name=config, device="cpu")
+    bench = SpeedBench(cfg, transformer, adapter, torch.device("cpu"), torch.float32,
+                       BenchOptions(ratios=(2,), repeats=1, warmup_runs=0))  # fmt: skip
+    rows = bench.run(["fora"])
+    fora = next(r for r in rows if r["method"] == "fora")
+    assert fora["flops_speedup"] >= 2.0 and "c" in fora["schedule"]
+    assert fora["cache_mb"] > 0
