@@ -57,7 +57,7 @@ CASES = {
     ),
     "unknown prompt set": (
         None, ["sample", "prompts=nosuch"],
-        ["unknown prompts 'nosuch' (accepted: digits, drawbench, imagenet, parti)"],
+        ["unknown prompts 'nosuch' (accepted: coco, digits, drawbench, examples, imagenet, parti, vbench)"],
     ),
     "empty prompt file": (
         lambda root: (root / "empty.txt").write_text("\n  \n"),

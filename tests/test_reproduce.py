@@ -6,6 +6,7 @@ pipelines of the same classes, on CPU - which is what these tests do.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -77,8 +78,10 @@ TARGETS = {"reproduce-table1": "table1_flux", "reproduce-table2": "table2_hunyua
 @pytest.mark.parametrize("target,table", TARGETS.items())
 def test_make_targets_run_their_table_and_dry_run_1_adds_dry_run_true(target, table):
     def command(*args: str) -> str:
-        out = subprocess.run(["make", "-n", "-W", ".venv/.installed", target, *args], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        make = ["make", "--no-print-directory", "-n", "-W", ".venv/.installed", target, *args]
+        out = subprocess.run(make, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
         return out.strip().splitlines()[-1]
 
     assert command().split()[-2:] == ["reproduce", f"table={table}"]
