@@ -13,6 +13,7 @@ numbers mean nothing and it writes under output_root, never results/.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +150,7 @@ def caption(spec: DictConfig, dry_run: bool, notes: dict[str, str]) -> str:
 
 
 def metric_notes(results: list[dict]) -> dict[str, str]:
-    import json
-
+    """What each metric is (backbone, weights, formula), from the first evaluated row."""
     for result in results:
         if result.get("run_dir"):
             return json.loads((Path(result["run_dir"]) / "metrics.json").read_text()).get("metric_notes", {})
