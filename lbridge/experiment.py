@@ -23,6 +23,7 @@ from lbridge.commands.setup import build_method
 from lbridge.config import CONF_DIR
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import is_calibrated
+from lbridge.report.tables import write_csv_md
 from lbridge.runs import calibration_dir, sample_dir
 
 METRICS = ("flops_speedup", "latency_speedup", "psnr", "ssim", "digit_accuracy")
@@ -73,10 +74,7 @@ def run_row(
 
 def write_table(out: Path, name: str, rows: list[dict], caption: str, regenerate: str) -> pd.DataFrame:
     """`out/name.csv` and `out/name.md` (caption, how to regenerate, the table)."""
-    out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
-    table.to_csv(out / f"{name}.csv", index=False, float_format="%.4f")
-    text = f"{caption}\n\nRegenerate: {regenerate}\n\n"
-    (out / f"{name}.md").write_text(text + table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    write_csv_md(table, out, name, f"{caption}\n\nRegenerate: {regenerate}\n\n")
     print(table.to_string())
     return table

@@ -23,13 +23,20 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
     return styler.to_latex(hrules=True, caption=caption.replace("\n", " "), position_float="centering")
 
 
+def write_csv_md(table: pd.DataFrame, out: Path, name: str, caption: str) -> list[Path]:
+    """`out/name.csv` (exact values) and `out/name.md` (`caption`, then the table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    table.to_csv(csv, index=False, float_format="%.4f")
+    md.write_text(caption + to_markdown(table) + "\n")
+    return [csv, md]
+
+
 def write_table(
     table: pd.DataFrame, out: Path, name: str, caption: str, latex_caption: str = ""
 ) -> list[Path]:
     """`out/name.{csv,md,tex}`; the markdown starts with `caption` (how it was made, what the metrics are)."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv, md, tex = out / f"{name}.csv", out / f"{name}.md", out / f"{name}.tex"
-    table.to_csv(csv, index=False, float_format="%.4f")
-    md.write_text(caption + to_markdown(table) + "\n")
+    tex = out / f"{name}.tex"
+    files = write_csv_md(table, out, name, caption)
     tex.write_text(to_latex(table, latex_caption or name) + "\n")
-    return [csv, md, tex]
+    return [*files, tex]
