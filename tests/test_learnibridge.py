@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 import lbridge
 from lbridge.calibration import lora
@@ -113,6 +114,16 @@ def test_saved_adapter_reproduces_the_calibrated_samples_exactly(calibrated, tmp
     acc.attach()
     uncalibrated = np.asarray(adapter.generate(pipe, "a handwritten digit 4", 7))
     assert not np.array_equal(images[0], uncalibrated)
+
+
+def test_calibrating_again_gives_the_same_adapter_whatever_ran_before(calibrated, tmp_path):
+    cfg, out, _, _ = calibrated
+    torch.manual_seed(12345)  # another global RNG state than the fixture's
+    torch.rand(1000)
+    again = calibrate.run(config(tmp_path))
+    first, second = (load_file(str(d / "shared.safetensors")) for d in (out, again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def held_out_error(cfg, out, adapter, pipe, load: bool) -> float:

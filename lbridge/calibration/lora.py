@@ -14,6 +14,7 @@ import copy
 import inspect
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,9 +97,16 @@ def make_bridge(block: torch.nn.Module) -> torch.nn.Module:
 
 
 def add_lora(bridge: torch.nn.Module, name: str, rank: int, alpha: float, targets: list[str]) -> None:
-    """Inject a zero-initialised LoRA adapter `name` (the bridge then equals the plain block)."""
+    """Inject a zero-initialised LoRA adapter `name` (the bridge then equals the plain block).
+
+    peft draws lora_A (Kaiming) from the global RNG; whatever ran before (sampling, other adapters)
+    would then change the fit. A seed of the adapter's name makes calibration reproducible run to run.
+    """
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-    with frozen_except(bridge, []):  # peft marks non-LoRA parameters frozen: keep the shared flags
+    devices = sorted({p.device.index or 0 for p in bridge.parameters() if p.device.type == "cuda"})
+    # frozen_except: peft would mark the shared base parameters frozen
+    with torch.random.fork_rng(devices=devices), frozen_except(bridge, []):
+        torch.manual_seed(zlib.crc32(name.encode()))
         inject_adapter_in_model(config, bridge, adapter_name=name)
 
 
