@@ -17,7 +17,7 @@ import torch
 import lbridge
 from lbridge.errors import LbridgeError
 from lbridge.methods import load_method
-from lbridge.methods.toca import TokenRefreshHook, refresh_count, spread_order
+from lbridge.methods.toca import ElementwiseFollowerHook, TokenRefreshHook, refresh_count, spread_order
 from lbridge.runtime.context import CacheRuntime, ManualClock
 from lbridge.runtime.hooks import register
 from lbridge.runtime.schedule import Schedule
@@ -71,7 +71,7 @@ def test_spread_tie_break_picks_evenly_spaced_tokens_and_cycles_through_all():
     for step in range(1, 5):
         output = call(runtime, module, step, tokens(step))
         refreshed.append([i for i in range(TOKENS) if output[0, i, 0] != previous[0, i, 0]])
-        previous = output
+        previous = output.clone()  # the cache is written in place at the next CACHED step
     assert spread_order(TOKENS).tolist() == [0, 4, 2, 6, 1, 5, 3, 7]  # van der Corput order
     assert refreshed == [[0, 4], [2, 6], [1, 5], [3, 7]]
 
@@ -87,6 +87,72 @@ def test_a_full_step_recomputes_everything_and_resets_every_age():
     outputs = [call(runtime, module, step, tokens(step)) for step in range(5)]
     assert made_at(outputs[3]) == [3] * TOKENS and made_at(outputs[4]) == [4, 4, 3, 3, 3, 3, 3, 3]
     assert hook.caches["cond"].age.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_the_full_steps_output_is_never_written_to_by_later_refreshes():
+    runtime, module, _ = hooked("Fccc", refresh_ratio=3 / TOKENS)
+    full = call(runtime, module, 0, tokens(0))
+    for step in range(1, 4):
+        call(runtime, module, step, tokens(step))
+    assert made_at(full) == [0] * TOKENS
+
+
+class Doubler(torch.nn.Module):
+    """An elementwise module that records how many tokens each call gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens_seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tokens_seen.append(x.shape[1])
+        return 2 * x
+
+
+def test_an_elementwise_follower_recomputes_only_the_tokens_its_site_refreshed():
+    runtime, site, hook = hooked("Fccc", refresh_ratio=3 / TOKENS)
+    follower = Doubler()
+    register(follower, ElementwiseFollowerHook(runtime, hook), "test.follower")
+    for step in range(4):
+        output = follower(call(runtime, site, step, tokens(step)))
+        assert torch.equal(output, 2 * hook.caches["cond"].output)  # what the plain module would return
+    assert follower.tokens_seen == [TOKENS, 3, 3, 3]
+
+
+def test_an_elementwise_follower_does_nothing_when_its_site_refreshes_nothing():
+    runtime, site, hook = hooked("Fcc", refresh_ratio=0.0)
+    follower = Doubler()
+    register(follower, ElementwiseFollowerHook(runtime, hook), "test.follower")
+    outputs = [follower(call(runtime, site, step, tokens(step))) for step in range(3)]
+    assert follower.tokens_seen == [TOKENS] and all(o is outputs[0] for o in outputs)
+
+
+@torch.no_grad()
+def test_on_flux_the_single_block_gelu_follows_proj_mlp_and_changes_nothing(monkeypatch):
+    from lbridge.api import Accelerator
+    from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+    from lbridge.models.flux import FluxAdapter
+
+    config = CONFIGS["flux-tiny"]
+    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
+    loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+
+    def run_toca():
+        acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25), FluxAdapter(name="t"))
+        acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
+        acc.attach()
+        try:
+            hooks = [hook for _, hook in acc.method._hooks if isinstance(hook, ElementwiseFollowerHook)]
+            return loop(config.steps), hooks
+        finally:
+            acc.remove()
+
+    latents, followers = run_toca()
+    assert len(followers) == len(transformer.single_transformer_blocks)
+    monkeypatch.setattr(FluxAdapter, "elementwise_after", lambda self, block, site: None)
+    without, none = run_toca()
+    assert none == [] and not torch.equal(latents, loop.latents)
+    torch.testing.assert_close(latents, without, rtol=1e-6, atol=1e-6)
 
 
 def test_each_cfg_branch_has_its_own_cache_and_ages():

@@ -33,12 +33,16 @@ Token-wise and attention modules are told apart by type: diffusers attention mod
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
 tokens along dim 1 (true of every adapter's `attn_mlp_sites`). `refresh_ratio=0` is FORA
 `site=attn_mlp` bit for bit; `refresh_ratio=1` recomputes every token-wise module on its full input.
+A module the block applies elementwise to a site's output (`ModelAdapter.elementwise_after`: the GELU
+after FLUX's single-block `proj_mlp`) keeps its output too and recomputes the same tokens only, so a
+CACHED step does not redo it over every token.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
@@ -88,10 +92,36 @@ def refresh_count(refresh_ratio: float, num_tokens: int) -> int:
 
 
 @dataclass
-class TokenCache:
+class CachedOutput:
+    """A module's output kept across steps, into which refreshed tokens are written."""
+
     output: torch.Tensor
+    # The FULL step's output may still be held by whoever received it: the first refresh copies it,
+    # later ones write in place (a full-tensor copy per module per CACHED step saved).
+    owned: bool = False
+
+    def write(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Put the recomputed tokens `index` (dim 1) into the cached output."""
+        fresh = fresh.to(self.output.dtype)
+        if self.owned:
+            self.output.index_copy_(1, index, fresh)
+        else:
+            self.output, self.owned = self.output.index_copy(1, index, fresh), True
+
+    def replace(self, output: torch.Tensor) -> torch.Tensor:
+        self.output, self.owned = output, True
+        return output
+
+
+C = TypeVar("C", bound=CachedOutput)
+
+
+@dataclass(kw_only=True)
+class TokenCache(CachedOutput):
     age: torch.Tensor  # (tokens,) int64: CACHED steps since each token's value was computed
     rank: torch.Tensor  # (tokens,) tie-break rank, on the output's device
+    step: int = -1  # the step of the last call
+    refreshed: torch.Tensor | None = None  # tokens recomputed at `step` (None: none)
 
 
 class TokenRefreshHook(ModelHook):
@@ -105,30 +135,27 @@ class TokenRefreshHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden, rest, kwargs = _split_tokens(args, kwargs)
-        branch = self.runtime.branch
-        if self.runtime.is_full:
+        runtime, branch = self.runtime, self.runtime.branch
+        if runtime.is_full:
             output = self.fn_ref.original_forward(hidden, *rest, **kwargs)
             self._fill(branch, hidden, output)
             return output
-        cache = self.caches.get(branch)
-        if cache is None:
-            raise RuntimeError(f"CACHED step {self.runtime.step} on branch '{branch}' before any FULL step")
+        cache = _cache_of(self.caches, runtime, hidden)
         num_tokens = cache.age.numel()
-        if hidden.shape[:2] != cache.output.shape[:2]:
-            raise RuntimeError(f"toca: input {tuple(hidden.shape)} does not match the cached tokens")
         cache.age += 1
+        cache.step, cache.refreshed = runtime.step, None
         count = refresh_count(self.refresh_ratio, num_tokens)
         if count == 0:
             return cache.output  # FORA: the object the FULL step stored
         if count == num_tokens:  # no gather: the module's own full computation, bit for bit
-            cache.output = self.fn_ref.original_forward(hidden, *rest, **kwargs)
             cache.age.zero_()
-            return cache.output
+            cache.refreshed = torch.arange(num_tokens, device=cache.age.device)
+            return cache.replace(self.fn_ref.original_forward(hidden, *rest, **kwargs))
         score = cache.age if self.score == "age" else torch.zeros_like(cache.age)
         index = refresh_indices(score, cache.rank, count)
-        fresh = self.fn_ref.original_forward(hidden.index_select(1, index), *rest, **kwargs)
-        cache.output = cache.output.index_copy(1, index, fresh.to(cache.output.dtype))
+        cache.write(index, self.fn_ref.original_forward(hidden.index_select(1, index), *rest, **kwargs))
         cache.age.index_fill_(0, index, 0)
+        cache.refreshed = index
         return cache.output
 
     def _fill(self, branch: str, hidden: torch.Tensor, output) -> None:
@@ -144,10 +171,54 @@ class TokenRefreshHook(ModelHook):
             rank = previous.rank
         else:
             rank = tie_rank(num_tokens, self.tie_break).to(output.device)
-        self.caches[branch] = TokenCache(output, age, rank)
+        self.caches[branch] = TokenCache(output, age=age, rank=rank, step=self.runtime.step)
 
     def reset(self) -> None:
         self.caches.clear()
+
+
+class ElementwiseFollowerHook(ModelHook):
+    """On a module applied elementwise to a refreshed site's output (FLUX's GELU after `proj_mlp`).
+
+    FULL step: run and keep the output. CACHED step: recompute only the tokens the site just
+    refreshed; the others' values are unchanged because their input is. Exact, as the site is.
+    """
+
+    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook) -> None:
+        super().__init__()
+        self.runtime, self.site = runtime, site
+        self.caches: dict[str, CachedOutput] = {}
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        hidden, rest, kwargs = _split_tokens(args, kwargs)
+        runtime, branch = self.runtime, self.runtime.branch
+        if runtime.is_full:
+            output = self.fn_ref.original_forward(hidden, *rest, **kwargs)
+            self.caches[branch] = CachedOutput(output)
+            return output
+        cache = _cache_of(self.caches, runtime, hidden)
+        site = self.site.caches[branch]
+        if site.step != runtime.step:
+            raise RuntimeError(f"toca: an elementwise follower ran at step {runtime.step} before its site")
+        index = site.refreshed
+        if index is None:
+            return cache.output
+        if index.numel() == hidden.shape[1]:
+            return cache.replace(self.fn_ref.original_forward(hidden, *rest, **kwargs))
+        cache.write(index, self.fn_ref.original_forward(hidden.index_select(1, index), *rest, **kwargs))
+        return cache.output
+
+    def reset(self) -> None:
+        self.caches.clear()
+
+
+def _cache_of(caches: dict[str, C], runtime: CacheRuntime, hidden: torch.Tensor) -> C:
+    cache = caches.get(runtime.branch)
+    if cache is None:
+        raise RuntimeError(f"CACHED step {runtime.step} on branch '{runtime.branch}' before any FULL step")
+    if hidden.shape[:2] != cache.output.shape[:2]:
+        raise RuntimeError(f"toca: input {tuple(hidden.shape)} does not match the cached tokens")
+    return cache
 
 
 def _split_tokens(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -194,6 +265,9 @@ class ToCa(CacheMethod):
                 if not is_attention(module):
                     hook = TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break)
                     self.add_hook(module, hook, "tokens")
+                    follower = adapter.elementwise_after(block, module)
+                    if follower is not None:
+                        self.add_hook(follower, ElementwiseFollowerHook(runtime, hook), "follower")
                 elif self.attention == "reuse":
                     self.add_hook(module, ReuseOutputHook(runtime), "attention")
 

@@ -142,6 +142,14 @@ class ModelAdapter:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
 
+    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
+        """The module the block applies to `site`'s output alone, token by token, if any.
+
+        A token-wise cache (ToCa) then keeps that module's output too and recomputes it only for the
+        tokens it refreshes: the work is not counted in FLOPs, but over every token at every CACHED
+        step it costs real time."""
+        return None
+
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """TeaCache's change indicator: the first block's timestep-modulated input.
 
@@ -152,6 +160,11 @@ class ModelAdapter:
     def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
         """The transformer's output from the final block's hidden output (`arguments`: that block's call)."""
         raise LbridgeError(f"model '{self.name}' does not define its head: use method.loss=block or normed")
+
+
+def activation_after_proj_mlp(block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
+    """Single-stream blocks (FLUX, HunyuanVideo) run `act_mlp(proj_mlp(x))`: the GELU is elementwise."""
+    return getattr(block, "act_mlp", None) if site is getattr(block, "proj_mlp", None) else None
 
 
 def _import_all_adapters() -> None:

@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
 from lbridge.calibration.trajectories import bind_block_arguments
-from lbridge.models.base import ModelAdapter
+from lbridge.models.base import ModelAdapter, activation_after_proj_mlp
 from lbridge.models.offline import evaluated, word_tokenizer
 
 
@@ -56,6 +56,9 @@ class FluxAdapter(ModelAdapter):
         if isinstance(block, FluxSingleTransformerBlock):
             return [block.attn, block.proj_mlp]
         return [block.attn, block.ff, block.ff_context]
+
+    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
+        return activation_after_proj_mlp(block, site)
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

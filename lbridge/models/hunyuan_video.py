@@ -16,6 +16,7 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
 )
 
+from lbridge.models.base import activation_after_proj_mlp
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
 from lbridge.models.video import VideoAdapter
 
@@ -48,6 +49,9 @@ class HunyuanVideoAdapter(VideoAdapter):
 
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
+
+    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
+        return activation_after_proj_mlp(block, site)
 
     def head(
         self, transformer: HunyuanVideoTransformer3DModel, hidden: torch.Tensor, arguments: dict
