@@ -15,6 +15,7 @@ from lbridge.commands import calibrate, collect
 from lbridge.commands.setup import build_adapter, build_method, plan
 from lbridge.config import CONF_DIR
 from lbridge.errors import LbridgeError
+from lbridge.methods.learnibridge import MergedBridges
 from lbridge.prompts import load_prompts
 from lbridge.runs import calibration_dir
 from lbridge.runtime.hooks import CallCounterHook, register, remove_all
@@ -116,6 +117,57 @@ def test_saved_adapter_reproduces_the_calibrated_samples_exactly(calibrated, tmp
     assert not np.array_equal(images[0], uncalibrated)
 
 
+def final_block_call(adapter, pipe) -> tuple[tuple, dict]:
+    """The final block's arguments at the first step of a full-compute sample."""
+    calls = []
+    final = adapter.blocks(pipe.transformer)[-1]
+    handle = final.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        adapter.generate(pipe, "a handwritten digit 1", 0)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def test_the_merged_bridge_computes_what_peft_computes_and_follows_every_weight_change(calibrated):
+    cfg, out, before, _ = calibrated
+    adapter, pipe, method, acc = planned(cfg)
+    method.load_calibration(out, pipe.transformer, acc.schedule)
+    final = adapter.blocks(pipe.transformer)[-1]
+    bridge = method.prepare_bridge(pipe.transformer, adapter, acc.schedule)
+    lora.activate(bridge, lora.SHARED)
+    args, kwargs = final_block_call(adapter, pipe)
+    runner = MergedBridges(final, bridge)
+    merged = runner(lora.SHARED)
+    calibrated_output = first(merged(*args, **kwargs))
+    torch.testing.assert_close(calibrated_output, first(bridge(*args, **kwargs)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(calibrated_output, first(final(*args, **kwargs)), atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    for _, layer in lora.lora_layers(bridge, lora.SHARED):  # e.g. another optimiser step
+        layer.lora_B[lora.SHARED].weight.mul_(2)
+    assert runner(lora.SHARED) is merged  # re-merged in place: a compiled forward is kept
+    changed = first(merged(*args, **kwargs))
+    torch.testing.assert_close(changed, first(bridge(*args, **kwargs)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, calibrated_output, atol=1e-4)
+
+
+def test_sampling_merged_or_through_peft_gives_the_same_image(calibrated):
+    cfg, out, _, _ = calibrated
+    images = []
+    for merge in (True, False):
+        adapter, pipe, method, acc = planned(config(cfg.output_root, f"method.merge={merge}"))
+        method.load_calibration(out, pipe.transformer, acc.schedule)
+        acc.attach()
+        images.append(np.asarray(adapter.generate(pipe, "a handwritten digit 4", 7), dtype=np.int16))
+        acc.remove()
+    assert np.abs(images[0] - images[1]).max() <= 1
+
+
 def test_calibrating_again_gives_the_same_adapter_whatever_ran_before(calibrated, tmp_path):
     cfg, out, _, _ = calibrated
     torch.manual_seed(12345)  # another global RNG state than the fixture's
@@ -193,6 +245,7 @@ def test_an_artifact_of_another_schedule_is_refused(calibrated):
         ({"rank": 0}, "method.rank=0 must be an integer >= 1"),
         ({"loss": "l1"}, "unknown method.loss 'l1' (accepted: block, normed, head)"),
         ({"calibration": {"train_on": "both"}}, "unknown method.calibration.train_on 'both'"),
+        ({"merge": "yes"}, "method.merge='yes' must be true or false"),
     ],
 )
 def test_bad_parameters_are_clear_errors(params, message):

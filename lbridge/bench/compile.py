@@ -74,8 +74,8 @@ def regions(acc: Accelerator) -> list[torch.nn.Module]:
     block_ids = {id(b) for b in blocks}
     inner = [m for m in hooked if id(m) not in block_ids]
     found = inner if inner else list(blocks)
-    bridges = getattr(acc.method, "_bridges", {})
-    return found + [bridge for _, bridge, _ in bridges.values()]
+    extra = getattr(acc.method, "cached_step_modules", list)()  # LearniBridge's bridges
+    return found + extra
 
 
 @contextmanager

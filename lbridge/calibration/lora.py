@@ -122,6 +122,34 @@ def activate(bridge: torch.nn.Module, name: str) -> None:
     set_adapter(bridge, name, inference_mode=True)
 
 
+def lora_layers(bridge: torch.nn.Module, name: str) -> Iterator[tuple[str, BaseTunerLayer]]:
+    """(path in the bridge, peft LoRA layer) of every layer carrying adapter `name`."""
+    for path, module in bridge.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+            yield path, module
+
+
+def merge_key(bridge: torch.nn.Module, name: str) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a tensor adapter `name`'s merged weights derive from is modified or replaced."""
+    tensors = []
+    for _, layer in lora_layers(bridge, name):
+        tensors += [layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+@torch.no_grad()
+def merge_into(merged: torch.nn.Module, bridge: torch.nn.Module, name: str) -> None:
+    """Give `merged` (a `make_bridge` copy of the block) the weights base + adapter `name`'s delta.
+
+    Each LoRA target then runs one matmul instead of peft's two extra ones and a scaled add. The
+    merged weights are new tensors: the block (whose base weights the bridge shares) is untouched.
+    """
+    for path, layer in lora_layers(bridge, name):
+        base = layer.get_base_layer().weight
+        weight = base + layer.get_delta_weight(name).to(base.dtype)  # peft's scaling * B @ A
+        merged.get_submodule(path).weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
 def adapter_parameters(bridge: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in bridge.named_parameters() if "lora_" in n and n.split(".")[-2] == name]
 

@@ -70,16 +70,57 @@ class InputCache:
         self.states.clear()
 
 
+class SwitchedBridge:
+    """`method.merge=false`: the peft bridge itself, its active adapter switched to the one asked for."""
+
+    def __init__(self, bridge: torch.nn.Module) -> None:
+        self.bridge, self.active = bridge, None
+
+    def __call__(self, name: str) -> torch.nn.Module:
+        if name != self.active:  # switching walks the bridge's LoRA layers: only on change
+            lora.activate(self.bridge, name)
+            self.active = name
+        return self.bridge
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.bridge]
+
+
+class MergedBridges:
+    """`method.merge=true`: per adapter, a copy of the final block with that adapter merged in.
+
+    A CACHED step then costs one plain block (peft's unmerged LoRA adds two small matmuls and a
+    scaled add per target, time the FLOPs barely count). The copies share every tensor with the block
+    except the LoRA targets' weights (one set per adapter), and are re-merged whenever a weight they
+    derive from changes (calibration, loading, or the block's own weights), so they are never stale.
+    """
+
+    def __init__(self, block: torch.nn.Module, bridge: torch.nn.Module) -> None:
+        self.block, self.bridge = block, bridge
+        self.copies: dict[str, tuple[tuple, torch.nn.Module]] = {}
+
+    def __call__(self, name: str) -> torch.nn.Module:
+        key = lora.merge_key(self.bridge, name)
+        known = self.copies.get(name)
+        merged = known[1] if known is not None else lora.make_bridge(self.block)
+        if known is None or known[0] != key:
+            lora.merge_into(merged, self.bridge, name)  # same module object: a compiled forward stays
+            self.copies[name] = (key, merged)
+        return merged
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [merged for _, merged in self.copies.values()]
+
+
 class BridgeHook(ModelHook):
     """On the final block. FULL: remember its input streams, run it. CACHED: run the bridge instead."""
 
-    def __init__(self, runtime: CacheRuntime, block: torch.nn.Module, bridge: torch.nn.Module,
+    def __init__(self, runtime: CacheRuntime, block: torch.nn.Module, runner: SwitchedBridge | MergedBridges,
                  adapter_for_offset, inputs: InputCache) -> None:  # fmt: skip
         super().__init__()
-        self.runtime, self.block, self.bridge, self.inputs = runtime, block, bridge, inputs
+        self.runtime, self.block, self.runner, self.inputs = runtime, block, runner, inputs
         self.adapter_for_offset = adapter_for_offset
         self.hidden_name, self.encoder_name = stream_names(block)
-        self.active: str | None = None
 
     def _streams(self, arguments: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         hidden = arguments[self.hidden_name]
@@ -96,10 +137,7 @@ class BridgeHook(ModelHook):
         if self.encoder_name is not None:
             arguments[self.encoder_name] = streams[1].to(arguments[self.encoder_name].dtype)
         name = self.adapter_for_offset(runtime.step - runtime.schedule.last_full(runtime.step))
-        if name != self.active:  # switching adapters walks the bridge's LoRA layers: only on change
-            lora.activate(self.bridge, name)
-            self.active = name
-        return self.bridge(**arguments)
+        return self.runner(name)(**arguments)
 
     def reset(self) -> None:
         self.inputs.reset()
@@ -117,6 +155,7 @@ class LearniBridge(CacheMethod):
         input: str = "stale",  # noqa: A002 -- the config key users type
         forecast_order: int = 1,
         loss: str = "block",
+        merge: bool = True,
         calibration: dict[str, Any] | None = None,
         name: str = "learnibridge",
     ) -> None:
@@ -128,10 +167,13 @@ class LearniBridge(CacheMethod):
             if not isinstance(value, int) or value < 1:
                 raise LbridgeError(f"method.{key}={value!r} must be an integer >= 1")
         self.rank, self.alpha, self.adapters, self.targets = rank, float(alpha), adapters, targets
-        self.input, self.forecast_order, self.loss = input, forecast_order, loss
+        if not isinstance(merge, bool):
+            raise LbridgeError(f"method.merge={merge!r} must be true or false")
+        self.input, self.forecast_order, self.loss, self.merge = input, forecast_order, loss, merge
         self.calibration = dict(calibration or {})
         _check_choice("calibration.train_on", self.calibration.get("train_on", "full"), TRAIN_ON)
         self._bridges: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}
+        self._runners: dict[int, SwitchedBridge | MergedBridges] = {}  # kept across attach cycles
 
     # -- runtime -----------------------------------------------------------------------------
     def adapter_name(self, offset: int) -> str:
@@ -164,14 +206,27 @@ class LearniBridge(CacheMethod):
                 lora.add_lora(bridge, name, self.rank, self.alpha, self.lora_targets(final))
         return bridge
 
+    def runner(self, block: torch.nn.Module, bridge: torch.nn.Module) -> SwitchedBridge | MergedBridges:
+        """What runs the bridge at CACHED steps (built once per block, so compiled copies persist)."""
+        if id(block) not in self._runners:
+            self._runners[id(block)] = MergedBridges(block, bridge) if self.merge else SwitchedBridge(bridge)
+        return self._runners[id(block)]
+
+    def cached_step_modules(self) -> list[torch.nn.Module]:
+        """The modules a CACHED step runs in place of the final block (regional compilation's regions)."""
+        return [module for runner in self._runners.values() for module in runner.modules()]
+
     def install(self, transformer, adapter, runtime) -> None:
         blocks = adapter.blocks(transformer)
         bridge = self.prepare_bridge(transformer, adapter, runtime.schedule)
+        runner = self.runner(blocks[-1], bridge)
+        for name in self.adapter_names_for(runtime.schedule):
+            runner(name)  # merge now, not inside the first timed CACHED step
         for block in blocks[:-1]:
             self.add_hook(block, SkipBlockHook(runtime, block), "skip")
         inputs = InputCache(self.input, self.forecast_order)
         self.add_hook(
-            blocks[-1], BridgeHook(runtime, blocks[-1], bridge, self.adapter_name, inputs), "bridge"
+            blocks[-1], BridgeHook(runtime, blocks[-1], runner, self.adapter_name, inputs), "bridge"
         )
 
     def describe(self) -> dict:
