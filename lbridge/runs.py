@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lbridge.config import CONF_DIR
@@ -66,10 +67,14 @@ def sample_dir(cfg: DictConfig, method: DictConfig | None = None) -> Path:
 def calibration_key(cfg: DictConfig) -> dict[str, Any]:
     """What a calibration artifact depends on: model, prompts, method (with calibration set), ratio, schedule.
 
-    Not the sampling prompts' count or seeds: one artifact serves every sampling run of its schedule.
+    Not the sampling prompts' count or seeds, nor the method's `sampling_options` (how it runs the
+    fitted calibration): one artifact serves every sampling run of its schedule.
     """
     key = sample_key(cfg)
     del key["num_prompts"], key["seed"]
+    target = cfg.method.get("_target_")
+    for option in getattr(get_class(target), "sampling_options", ()) if target else ():
+        key["method"].pop(option, None)
     return key
 
 

@@ -156,6 +156,12 @@ def test_the_merged_bridge_computes_what_peft_computes_and_follows_every_weight_
     assert not torch.allclose(changed, calibrated_output, atol=1e-4)
 
 
+def test_merging_or_not_is_a_sampling_choice_that_shares_one_calibration(tmp_path):
+    default = calibration_dir(config(tmp_path))
+    assert calibration_dir(config(tmp_path, "method.merge=false")) == default
+    assert calibration_dir(config(tmp_path, "method.rank=8", "method.alpha=8")) != default
+
+
 def test_sampling_merged_or_through_peft_gives_the_same_image(calibrated):
     cfg, out, _, _ = calibrated
     images = []

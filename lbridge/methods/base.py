@@ -27,6 +27,9 @@ class CacheMethod(ABC):
     name: ClassVar[str]
     #: False for the full-compute reference: it never has CACHED steps, whatever the ratio.
     accelerates: ClassVar[bool] = True
+    #: Config keys that change how a calibrated method samples, not what `lbridge calibrate` fits:
+    #: left out of the calibration artifact's key, so one artifact serves both settings.
+    sampling_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._hooks: list[tuple[str, ModelHook]] = []

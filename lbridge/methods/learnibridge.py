@@ -145,6 +145,7 @@ class BridgeHook(ModelHook):
 
 class LearniBridge(CacheMethod):
     name = "learnibridge"
+    sampling_options = ("merge",)
 
     def __init__(
         self,
