@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import compiled_regions
+from lbridge.bench.compile import compiled_regions, regions
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params
@@ -114,6 +114,14 @@ def test_compiled_regions_are_restored():
     with compiled_regions(acc, True, backend="eager"):
         assert all("forward" in b.__dict__ for b in blocks)
     assert not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_learnibridges_cached_step_module_is_a_compiled_region_whatever_the_planned_schedule():
+    acc, _ = planned("learnibridge")  # ratio 1, as the bench plans: no CACHED step, no adapter yet
+    found = regions(acc)
+    (bridge,) = acc.method.cached_step_modules()
+    assert any(module is bridge for module in found)
+    assert not any(module is bridge for module in acc.adapter.blocks(acc.transformer))
 
 
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])

@@ -156,6 +156,33 @@ def test_the_merged_bridge_computes_what_peft_computes_and_follows_every_weight_
     assert not torch.allclose(changed, calibrated_output, atol=1e-4)
 
 
+@torch.no_grad()
+def test_the_merged_copy_swaps_in_each_adapter_and_is_the_plain_block_for_an_absent_one():
+    from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+
+    config = CONFIGS["flux-tiny"]
+    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
+    final = transformer.single_transformer_blocks[-1]
+    calls = []
+    handle = final.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)(1)
+    handle.remove()
+    args, kwargs = calls[0]
+    bridge = lora.make_bridge(final)
+    for name in ("offset_1", "offset_2"):
+        lora.add_lora(bridge, name, 4, 4, lora.lora_targets(final))
+        for _, layer in lora.lora_layers(bridge, name):
+            layer.lora_B[name].weight.normal_(0, 0.05)
+    runner = MergedBridges(final, bridge)
+    for name in ("offset_1", "offset_2", "offset_1"):
+        lora.activate(bridge, name)
+        expected = first(bridge(*args, **kwargs))
+        torch.testing.assert_close(first(runner(name)(*args, **kwargs)), expected, rtol=1e-5, atol=1e-5)
+    assert runner("offset_1") is runner("offset_2")  # one module: regional compilation covers all
+    plain = first(final(*args, **kwargs))
+    assert torch.equal(first(runner("offset_3")(*args, **kwargs)), plain)  # no such adapter: the block
+
+
 def test_merging_or_not_is_a_sampling_choice_that_shares_one_calibration(tmp_path):
     default = calibration_dir(config(tmp_path))
     assert calibration_dir(config(tmp_path, "method.merge=false")) == default

@@ -122,32 +122,41 @@ def activate(bridge: torch.nn.Module, name: str) -> None:
     set_adapter(bridge, name, inference_mode=True)
 
 
-def lora_layers(bridge: torch.nn.Module, name: str) -> Iterator[tuple[str, BaseTunerLayer]]:
-    """(path in the bridge, peft LoRA layer) of every layer carrying adapter `name`."""
+def lora_layers(bridge: torch.nn.Module, name: str | None = None) -> Iterator[tuple[str, BaseTunerLayer]]:
+    """(path in the bridge, peft LoRA layer) of every layer carrying adapter `name` (any adapter: None)."""
     for path, module in bridge.named_modules():
-        if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+        if isinstance(module, BaseTunerLayer) and (name is None or name in module.lora_A):
             yield path, module
 
 
-def merge_key(bridge: torch.nn.Module, name: str) -> tuple[tuple[int, int], ...]:
-    """Changes whenever a tensor adapter `name`'s merged weights derive from is modified or replaced."""
-    tensors = []
-    for _, layer in lora_layers(bridge, name):
-        tensors += [layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def merge_key(bridge: torch.nn.Module, name: str) -> tuple[tuple[str, int, int], ...]:
+    """Changes whenever a tensor `merged_weights(bridge, name)` derives from is modified or replaced."""
+    key = []
+    for path, layer in lora_layers(bridge):
+        tensors = [layer.get_base_layer().weight]
+        if name in layer.lora_A:
+            tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        key += [(path, t.data_ptr(), t._version) for t in tensors]
+    return tuple(key)
 
 
 @torch.no_grad()
-def merge_into(merged: torch.nn.Module, bridge: torch.nn.Module, name: str) -> None:
-    """Give `merged` (a `make_bridge` copy of the block) the weights base + adapter `name`'s delta.
+def merged_weights(bridge: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """Per LoRA target (path): base weight + adapter `name`'s delta (the base alone where `name` has none).
 
-    Each LoRA target then runs one matmul instead of peft's two extra ones and a scaled add. The
-    merged weights are new tensors: the block (whose base weights the bridge shares) is untouched.
+    A plain copy of the block with these weights runs one matmul per target instead of peft's two
+    extra ones and a scaled add. They are new tensors: the block (whose weights the bridge shares)
+    is untouched.
     """
-    for path, layer in lora_layers(bridge, name):
+    weights = {}
+    for path, layer in lora_layers(bridge):
         base = layer.get_base_layer().weight
-        weight = base + layer.get_delta_weight(name).to(base.dtype)  # peft's scaling * B @ A
-        merged.get_submodule(path).weight = torch.nn.Parameter(weight, requires_grad=False)
+        if name in layer.lora_A:
+            merged = base + layer.get_delta_weight(name).to(base.dtype)  # peft's scaling * B @ A
+            weights[path] = torch.nn.Parameter(merged, requires_grad=False)
+        else:
+            weights[path] = base
+    return weights
 
 
 def adapter_parameters(bridge: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

@@ -87,29 +87,35 @@ class SwitchedBridge:
 
 
 class MergedBridges:
-    """`method.merge=true`: per adapter, a copy of the final block with that adapter merged in.
+    """`method.merge=true`: one copy of the final block, into which each adapter's merged weights are swapped.
 
     A CACHED step then costs one plain block (peft's unmerged LoRA adds two small matmuls and a
-    scaled add per target, time the FLOPs barely count). The copies share every tensor with the block
-    except the LoRA targets' weights (one set per adapter), and are re-merged whenever a weight they
-    derive from changes (calibration, loading, or the block's own weights), so they are never stale.
+    scaled add per target, time the FLOPs barely count). The copy shares every tensor with the block
+    except the LoRA targets' weights, merged once per adapter and swapped in when the adapter changes
+    (attribute assignment, no copy). One module for all adapters, existing from the start, so a
+    compiled forward covers every schedule. Merged weights are recomputed whenever a tensor they
+    derive from changes (calibration, loading, or the block's own weights): never stale.
     """
 
     def __init__(self, block: torch.nn.Module, bridge: torch.nn.Module) -> None:
-        self.block, self.bridge = block, bridge
-        self.copies: dict[str, tuple[tuple, torch.nn.Module]] = {}
+        self.bridge, self.module = bridge, lora.make_bridge(block)
+        self.weights: dict[str, tuple[tuple, dict[str, torch.nn.Parameter]]] = {}
+        self.active: str | None = None
 
     def __call__(self, name: str) -> torch.nn.Module:
         key = lora.merge_key(self.bridge, name)
-        known = self.copies.get(name)
-        merged = known[1] if known is not None else lora.make_bridge(self.block)
+        known = self.weights.get(name)
         if known is None or known[0] != key:
-            lora.merge_into(merged, self.bridge, name)  # same module object: a compiled forward stays
-            self.copies[name] = (key, merged)
-        return merged
+            self.weights[name] = (key, lora.merged_weights(self.bridge, name))
+            self.active = None
+        if name != self.active:
+            for path, weight in self.weights[name][1].items():
+                self.module.get_submodule(path).weight = weight
+            self.active = name
+        return self.module
 
     def modules(self) -> list[torch.nn.Module]:
-        return [merged for _, merged in self.copies.values()]
+        return [self.module]
 
 
 class BridgeHook(ModelHook):
