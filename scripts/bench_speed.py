@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shlex
 import sys
 from dataclasses import replace
@@ -25,6 +23,7 @@ import pandas as pd
 import torch
 
 from lbridge.bench.calibrate import time_bridge_fit
+from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, BenchConfig, build_transformer
 from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
@@ -60,24 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
     p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
     return p.parse_args(argv)
-
-
-def device_name(device: torch.device) -> str:
-    """The accelerator's or the CPU's model name, and the cores torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        model = names[0].strip() if names else model
-    return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
-
-
-def file_stem(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def header(args: argparse.Namespace, config: BenchConfig, device: torch.device, dtype: torch.dtype,

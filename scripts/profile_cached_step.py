@@ -2,6 +2,7 @@
 
     python scripts/profile_cached_step.py --methods fora,toca,learnibridge          # flux-medium, CPU
     python scripts/profile_cached_step.py --device cuda --config flux-dev --profile fora
+    python scripts/profile_cached_step.py --out results/speed      # also <device>-cached-step.{csv,md}
 
 A run of one FULL step then only CACHED steps, minus a FULL call, over the number of CACHED calls:
 the excess over the FLOPs share is what the latency/FLOPs efficiency loses per CACHED step. CPU: this
@@ -12,17 +13,24 @@ torch.profiler's op table of that method's run.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
+from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
 from lbridge.bench.run import method_params
 from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
+from lbridge.report.tables import write_csv_md
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.schedule import Schedule
 
@@ -62,6 +70,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
+    p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -74,6 +83,7 @@ def main() -> None:
     full = run_seconds(loop, reference, args.runs) / steps
     reference.remove()
     print(f"FULL call: {1000 * full:.2f} ms")
+    rows = []
     for name in args.methods.split(","):
         acc = attached(loop, adapter, name, "F" + "c" * (steps - 1))
         cached = (run_seconds(loop, acc, args.runs) - full) / (steps - 1)
@@ -81,6 +91,8 @@ def main() -> None:
         print(
             f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts {1000 * predicted:7.2f} ms"
         )
+        rows.append({"method": name, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
+                     "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted})  # fmt: skip
         if name == args.profile:
             acc.reset()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -88,6 +100,22 @@ def main() -> None:
                 loop(steps)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         acc.remove()
+    if args.out:
+        write(pd.DataFrame(rows), args, device, config, full)
+
+
+def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config, full: float) -> None:
+    command = "python " + " ".join(shlex.quote(a) for a in ["scripts/profile_cached_step.py", *sys.argv[1:]])
+    clock = "synchronised wall time" if device.type == "cuda" else "this process's CPU time"
+    caption = (
+        f"Time per CACHED call vs its FLOPs share of a FULL call ({1000 * full:.2f} ms), {clock}, "
+        f"median of {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps.\n\n"
+        f"- command: `{command}`\n- config: {config.name} ({config.note})\n"
+        f"- device: {device_name(device)}; torch {torch.__version__}; "
+        f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n\n"
+    )
+    files = write_csv_md(table, Path(args.out), f"{file_stem(device)}-cached-step", caption)
+    print("written:", ", ".join(map(str, files)))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = "fora,taylorseer,toca,teacache,learnibridge"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+def load_script(name: str = "bench_speed"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -136,3 +136,17 @@ def test_video_families_run_the_same_bench(config):
     fora = next(r for r in rows if r["method"] == "fora")
     assert fora["flops_speedup"] >= 2.0 and "c" in fora["schedule"]
     assert fora["cache_mb"] > 0
+
+
+def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch):
+    args = ["--config", "flux-tiny", "--methods", "fora,learnibridge", "--runs", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
+    load_script("profile_cached_step").main()
+    table = pd.read_csv(tmp_path / "cpu-cached-step.csv")
+    assert table["method"].tolist() == ["fora", "learnibridge"]
+    recomputed = table["cached_ms"] / table["flops_share_ms"]  # from 4-decimal csv values
+    assert ((table["ratio"] - recomputed).abs() / recomputed).max() < 1e-2
+    assert (
+        "command: `python scripts/profile_cached_step.py --config flux-tiny"
+        in (tmp_path / "cpu-cached-step.md").read_text()
+    )

@@ -1,0 +1,29 @@
+"""Names of the timing device, for result headers and file names."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's or the CPU's model name, and the cores torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        model = names[0].strip() if names else model
+    return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+
+
+def file_stem(device: torch.device) -> str:
+    """`cpu`, or the CUDA device's name in lower-case words joined by '-'."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
