@@ -4,9 +4,10 @@
     python scripts/profile_cached_step.py --device cuda --config flux-dev --profile fora
     python scripts/profile_cached_step.py --out results/speed      # also <device>-cached-step.{csv,md}
 
-A run of one FULL step then only CACHED steps, minus a FULL call, over the number of CACHED calls:
-the excess over the FLOPs share is what the latency/FLOPs efficiency loses per CACHED step. CPU: this
-process's CPU time (steady on shared cores); CUDA: synchronised wall time. `--profile METHOD` prints
+Each transformer call is timed on its own: the median CACHED call of runs of one FULL step then only
+CACHED steps, against the FLOPs share of the median FULL call of all-FULL runs that alternate with
+them. The excess is what the latency/FLOPs efficiency loses per CACHED step. CPU: this process's CPU
+time (steady on shared cores); CUDA: synchronised wall time. `--profile METHOD` prints
 torch.profiler's op table of that method's run.
 """
 
@@ -35,28 +36,67 @@ from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.schedule import Schedule
 
 
-def run_seconds(loop: DenoisingLoop, acc: Accelerator, runs: int) -> float:
-    """Median seconds of the loop (CPU time on CPU, synchronised wall time on CUDA)."""
-    cuda = loop.latents.device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    times = []
-    for _ in range(runs + 1):  # the first is a warm-up
-        acc.reset()
-        if cuda:
+class CallTimer:
+    """Seconds of every transformer call (CPU time on CPU, synchronised wall time on CUDA), in order."""
+
+    def __init__(self, transformer: torch.nn.Module, cuda: bool) -> None:
+        self.cuda, self.clock = cuda, time.perf_counter if cuda else time.process_time
+        self.seconds: list[float] = []
+        self.handles = [transformer.register_forward_pre_hook(self.start),
+                        transformer.register_forward_hook(self.stop)]  # fmt: skip
+
+    def start(self, *_) -> None:
+        if self.cuda:
             torch.cuda.synchronize()
-        start = clock()
+        self.started = self.clock()
+
+    def stop(self, *_) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds.append(self.clock() - self.started)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def call_seconds(loop: DenoisingLoop, acc: Accelerator) -> list[float]:
+    """One run of the loop with `acc` attached: the seconds of each transformer call."""
+    timer = CallTimer(loop.transformer, loop.latents.device.type == "cuda")
+    acc.attach()
+    acc.reset()
+    try:
         loop(loop.config.steps)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return statistics.median(times[1:])
+    finally:
+        acc.remove()
+        timer.remove()
+    return timer.seconds
+
+
+def paired_medians(
+    loop: DenoisingLoop, reference: Accelerator, acc: Accelerator, runs: int
+) -> tuple[float, float]:
+    """Median FULL call (reference runs) and median CACHED call (`acc` runs), runs alternating.
+
+    Calls are timed one by one and the two runs interleave, so a machine that slows down during the
+    measurement slows both alike (timing whole runs and subtracting FULL time let drift land on the
+    CACHED estimate). The first pair is a warm-up.
+    """
+    full, cached = [], []
+    first_cached = len(loop.branches)  # step 0 is FULL: one call per CFG branch
+    for run in range(runs + 1):
+        reference_calls, method_calls = call_seconds(loop, reference), call_seconds(loop, acc)
+        if run:
+            full += reference_calls
+            cached += method_calls[first_cached:]
+    return statistics.median(full), statistics.median(cached)
 
 
 def attached(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
     acc = Accelerator(loop, load_method(name, **method_params(name, loop.config.steps)), adapter)
     acc.plan(1.0, {"num_inference_steps": loop.config.steps})
     acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
-    return acc.attach()
+    return acc
 
 
 def main() -> None:
@@ -80,36 +120,37 @@ def main() -> None:
     adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
     steps = config.steps
     reference = attached(loop, adapter, "none", "F" * steps)
-    full = run_seconds(loop, reference, args.runs) / steps
-    reference.remove()
-    print(f"FULL call: {1000 * full:.2f} ms")
     rows = []
     for name in args.methods.split(","):
         acc = attached(loop, adapter, name, "F" + "c" * (steps - 1))
-        cached = (run_seconds(loop, acc, args.runs) - full) / (steps - 1)
+        full, cached = paired_medians(loop, reference, acc, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
-            f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts {1000 * predicted:7.2f} ms"
+            f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
+            f"{1000 * predicted:7.2f} ms (FULL call {1000 * full:.2f} ms)"
         )
         rows.append({"method": name, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
-                     "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted})  # fmt: skip
+                     "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted,
+                     "full_ms": 1000 * full})  # fmt: skip
         if name == args.profile:
+            acc.attach()
             acc.reset()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 loop(steps)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-        acc.remove()
+            acc.remove()
     if args.out:
-        write(pd.DataFrame(rows), args, device, config, full)
+        write(pd.DataFrame(rows), args, device, config)
 
 
-def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config, full: float) -> None:
+def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/profile_cached_step.py", *sys.argv[1:]])
     clock = "synchronised wall time" if device.type == "cuda" else "this process's CPU time"
     caption = (
-        f"Time per CACHED call vs its FLOPs share of a FULL call ({1000 * full:.2f} ms), {clock}, "
-        f"median of {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps.\n\n"
+        f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
+        f"medians over {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps, alternating with "
+        f"{args.runs} all-FULL runs (`full_ms`).\n\n"
         f"- command: `{command}`\n- config: {config.name} ({config.note})\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n\n"
