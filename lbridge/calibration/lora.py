@@ -129,15 +129,19 @@ def lora_layers(bridge: torch.nn.Module, name: str | None = None) -> Iterator[tu
             yield path, module
 
 
-def merge_key(bridge: torch.nn.Module, name: str) -> tuple[tuple[str, int, int], ...]:
-    """Changes whenever a tensor `merged_weights(bridge, name)` derives from is modified or replaced."""
-    key = []
+def merge_sources(bridge: torch.nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor `merged_weights(bridge, name)` derives from (a walk of the bridge)."""
+    sources = []
     for path, layer in lora_layers(bridge):
-        tensors = [layer.get_base_layer().weight]
+        sources.append((path, layer.get_base_layer().weight))
         if name in layer.lora_A:
-            tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
-        key += [(path, t.data_ptr(), t._version) for t in tensors]
-    return tuple(key)
+            sources += [(path, layer.lora_A[name].weight), (path, layer.lora_B[name].weight)]
+    return sources
+
+
+def tensor_state(sources: list[tuple[str, torch.Tensor]]) -> tuple[tuple[str, int, int], ...]:
+    """Changes when one of the tensors is modified in place (`_version`) or replaced (`data_ptr`)."""
+    return tuple((path, t.data_ptr(), t._version) for path, t in sources)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ of the stale x^L_f (`input=forecast`); training along the accelerated trajectory
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,18 @@ class SwitchedBridge:
             self.active = name
         return self.bridge
 
+    def prepare(self, names: list[str]) -> None:
+        """Nothing to do: peft computes with the adapters' current weights."""
+
     def modules(self) -> list[torch.nn.Module]:
         return [self.bridge]
+
+
+@dataclass
+class MergedAdapter:
+    sources: list[tuple[str, torch.Tensor]]  # the tensors the weights derive from
+    state: tuple  # their `lora.tensor_state` when merged
+    weights: dict[str, torch.nn.Parameter]  # per LoRA target path
 
 
 class MergedBridges:
@@ -93,23 +104,32 @@ class MergedBridges:
     scaled add per target, time the FLOPs barely count). The copy shares every tensor with the block
     except the LoRA targets' weights, merged once per adapter and swapped in when the adapter changes
     (attribute assignment, no copy). One module for all adapters, existing from the start, so a
-    compiled forward covers every schedule. Merged weights are recomputed whenever a tensor they
-    derive from changes (calibration, loading, or the block's own weights): never stale.
+    compiled forward covers every schedule. Merged weights are recomputed when a tensor they derive
+    from changes (calibration, loading, the block's own weights): checked at every call against the
+    tensors of the last merge (cheap), and by a walk of the bridge in `prepare` (at install), which
+    also sees adapters injected since.
     """
 
     def __init__(self, block: torch.nn.Module, bridge: torch.nn.Module) -> None:
         self.bridge, self.module = bridge, lora.make_bridge(block)
-        self.weights: dict[str, tuple[tuple, dict[str, torch.nn.Parameter]]] = {}
+        self.merged: dict[str, MergedAdapter] = {}
         self.active: str | None = None
 
+    def prepare(self, names: list[str]) -> None:
+        for name in names:
+            known = self.merged.get(name)
+            if known is not None and lora.tensor_state(lora.merge_sources(self.bridge, name)) != known.state:
+                del self.merged[name]
+            self(name)  # merge now, not inside the first timed CACHED step
+
     def __call__(self, name: str) -> torch.nn.Module:
-        key = lora.merge_key(self.bridge, name)
-        known = self.weights.get(name)
-        if known is None or known[0] != key:
-            self.weights[name] = (key, lora.merged_weights(self.bridge, name))
-            self.active = None
+        known = self.merged.get(name)
+        if known is None or lora.tensor_state(known.sources) != known.state:
+            sources = lora.merge_sources(self.bridge, name)
+            known = MergedAdapter(sources, lora.tensor_state(sources), lora.merged_weights(self.bridge, name))
+            self.merged[name], self.active = known, None
         if name != self.active:
-            for path, weight in self.weights[name][1].items():
+            for path, weight in known.weights.items():
                 self.module.get_submodule(path).weight = weight
             self.active = name
         return self.module
@@ -227,8 +247,7 @@ class LearniBridge(CacheMethod):
         blocks = adapter.blocks(transformer)
         bridge = self.prepare_bridge(transformer, adapter, runtime.schedule)
         runner = self.runner(blocks[-1], bridge)
-        for name in self.adapter_names_for(runtime.schedule):
-            runner(name)  # merge now, not inside the first timed CACHED step
+        runner.prepare(self.adapter_names_for(runtime.schedule))
         for block in blocks[:-1]:
             self.add_hook(block, SkipBlockHook(runtime, block), "skip")
         inputs = InputCache(self.input, self.forecast_order)
