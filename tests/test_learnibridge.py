@@ -15,7 +15,7 @@ from lbridge.commands import calibrate, collect
 from lbridge.commands.setup import build_adapter, build_method, plan
 from lbridge.config import CONF_DIR
 from lbridge.errors import LbridgeError
-from lbridge.methods.learnibridge import MergedBridges
+from lbridge.methods.learnibridge import MergedBridge
 from lbridge.prompts import load_prompts
 from lbridge.runs import calibration_dir
 from lbridge.runtime.hooks import CallCounterHook, register, remove_all
@@ -142,7 +142,7 @@ def test_the_merged_bridge_computes_what_peft_computes_and_follows_every_weight_
     bridge = method.prepare_bridge(pipe.transformer, adapter, acc.schedule)
     lora.activate(bridge, lora.SHARED)
     args, kwargs = final_block_call(adapter, pipe)
-    runner = MergedBridges(final, bridge)
+    runner = MergedBridge(final, bridge)
     merged = runner(lora.SHARED)
     calibrated_output = first(merged(*args, **kwargs))
     torch.testing.assert_close(calibrated_output, first(bridge(*args, **kwargs)), rtol=1e-5, atol=1e-5)
@@ -173,7 +173,7 @@ def test_the_merged_copy_swaps_in_each_adapter_and_is_the_plain_block_for_an_abs
         lora.add_lora(bridge, name, 4, 4, lora.lora_targets(final))
         for _, layer in lora.lora_layers(bridge, name):
             layer.lora_B[name].weight.normal_(0, 0.05)
-    runner = MergedBridges(final, bridge)
+    runner = MergedBridge(final, bridge)
     for name in ("offset_1", "offset_2", "offset_1"):
         lora.activate(bridge, name)
         expected = first(bridge(*args, **kwargs))

@@ -97,7 +97,7 @@ class MergedAdapter:
     weights: dict[str, torch.nn.Parameter]  # per LoRA target path
 
 
-class MergedBridges:
+class MergedBridge:
     """`method.merge=true`: one copy of the final block, into which each adapter's merged weights are swapped.
 
     A CACHED step then costs one plain block (peft's unmerged LoRA adds two small matmuls and a
@@ -141,7 +141,7 @@ class MergedBridges:
 class BridgeHook(ModelHook):
     """On the final block. FULL: remember its input streams, run it. CACHED: run the bridge instead."""
 
-    def __init__(self, runtime: CacheRuntime, block: torch.nn.Module, runner: SwitchedBridge | MergedBridges,
+    def __init__(self, runtime: CacheRuntime, block: torch.nn.Module, runner: SwitchedBridge | MergedBridge,
                  adapter_for_offset, inputs: InputCache) -> None:  # fmt: skip
         super().__init__()
         self.runtime, self.block, self.runner, self.inputs = runtime, block, runner, inputs
@@ -200,7 +200,7 @@ class LearniBridge(CacheMethod):
         self.calibration = dict(calibration or {})
         _check_choice("calibration.train_on", self.calibration.get("train_on", "full"), TRAIN_ON)
         self._bridges: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}
-        self._runners: dict[int, SwitchedBridge | MergedBridges] = {}  # kept across attach cycles
+        self._runners: dict[int, SwitchedBridge | MergedBridge] = {}  # kept across attach cycles
 
     # -- runtime -----------------------------------------------------------------------------
     def adapter_name(self, offset: int) -> str:
@@ -233,10 +233,10 @@ class LearniBridge(CacheMethod):
                 lora.add_lora(bridge, name, self.rank, self.alpha, self.lora_targets(final))
         return bridge
 
-    def runner(self, block: torch.nn.Module, bridge: torch.nn.Module) -> SwitchedBridge | MergedBridges:
+    def runner(self, block: torch.nn.Module, bridge: torch.nn.Module) -> SwitchedBridge | MergedBridge:
         """What runs the bridge at CACHED steps (built once per block, so compiled copies persist)."""
         if id(block) not in self._runners:
-            self._runners[id(block)] = MergedBridges(block, bridge) if self.merge else SwitchedBridge(bridge)
+            self._runners[id(block)] = MergedBridge(block, bridge) if self.merge else SwitchedBridge(bridge)
         return self._runners[id(block)]
 
     def cached_step_modules(self) -> list[torch.nn.Module]:
