@@ -234,7 +234,7 @@ class LearniBridge(CacheMethod):
         return bridge
 
     def runner(self, block: torch.nn.Module, bridge: torch.nn.Module) -> SwitchedBridge | MergedBridge:
-        """What runs the bridge at CACHED steps (built once per block, so compiled copies persist)."""
+        """What runs the bridge at CACHED steps (built once per block, so a compiled module persists)."""
         if id(block) not in self._runners:
             self._runners[id(block)] = MergedBridge(block, bridge) if self.merge else SwitchedBridge(bridge)
         return self._runners[id(block)]
