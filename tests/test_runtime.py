@@ -131,3 +131,19 @@ def test_wrong_step_count_is_refused(tiny):
             pipe("a handwritten digit 1", num_inference_steps=7, generator=torch.Generator().manual_seed(0))
     finally:
         acc.remove()
+
+
+def test_removing_hooks_leaves_no_forward_on_the_modules_that_carried_them():
+    """diffusers' `remove_hook` leaves the wrapped bound method as an instance `forward`: torch.compile
+    guards on it, so a block compiled in one state recompiled in the other. A forward the module
+    already had (here a user's wrapper) is kept."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    users_forward = model[1].forward
+    model[1].forward = lambda x: users_forward(x)
+    for child in model:
+        register(child, CallCounterHook(), "lbridge.count")
+    remove_all(model, ["lbridge.count"])
+    assert "forward" not in model[0].__dict__
+    assert "forward" in model[1].__dict__
+    x = torch.ones(1, 2)
+    assert torch.equal(model(x), model[1](model[0](x)))

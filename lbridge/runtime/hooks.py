@@ -119,3 +119,21 @@ def remove_all(module: torch.nn.Module, names: list[str]) -> None:
     for name in names:
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
+    for child in module.modules():
+        _drop_restored_forward(child)
+
+
+def _drop_restored_forward(module: torch.nn.Module) -> None:
+    """Undo the instance `forward` that diffusers' `remove_hook` leaves behind.
+
+    Removing a module's last hook sets `module.forward` to the bound method it wrapped, an instance
+    attribute the module never had. Harmless in eager mode, but torch.compile guards on it: a block
+    compiled while a child carried the leftover recompiles once the child no longer does. A forward
+    of any other kind (a user's compiled forward, another library's hook) is left as it is.
+    """
+    forward = module.__dict__.get("forward")
+    if (
+        getattr(forward, "__self__", None) is module
+        and getattr(forward, "__func__", None) is type(module).forward
+    ):
+        del module.__dict__["forward"]
