@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--ratios", default="2,3,4,5,6")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per row (the median is reported; >= 1)")  # fmt: skip
     p.add_argument("--warmup-runs", type=int, default=1, help="untimed runs before each row's timing")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time with regional torch.compile (eager is always timed)")  # fmt: skip
@@ -52,22 +53,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calib-prompts", type=int, default=None, help="trajectories fitted (default 5 CUDA, 2 CPU)"
     )
     p.add_argument("--calib-steps", type=int, default=None, help="optimiser steps (default 400 CUDA, 20 CPU)")
-    p.add_argument("--retime-reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="time full compute again before each method (shared machines drift)")  # fmt: skip
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=None,
+                   help="time full compute in every row, runs alternating with the method's (default: "
+                   "on CPU, whose speed drifts; off on CUDA, where it doubles the device time)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on shared cores)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
     p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
+    return args
 
 
 def header(args: argparse.Namespace, config: BenchConfig, device: torch.device, dtype: torch.dtype,
-           loads: list[float]) -> list[str]:  # fmt: skip
+           loads: list[float], paired: bool) -> list[str]:  # fmt: skip
+    timing = (
+        f"full compute timed in every row, runs alternating with the method's; latency_speedup = median "
+        f"of the {args.repeats} per-pair ratios" if paired else
+        f"full compute timed once per pass; latency_speedup = ratio of medians of {args.repeats} runs"
+    )  # fmt: skip
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/bench_speed.py", *sys.argv[1:]])
     return [
         f"command: {command}",
         f"config: {config.name} ({config.note}), {config.steps} steps, {dtype}, batch 1",
         f"device: {device_name(device)}",
+        f"timing: {timing}",
         f"torch {torch.__version__}; load average (1 min) {min(loads):.2f}-{max(loads):.2f} during the run",
         "peak_mem_gb: torch.cuda.max_memory_allocated (blank on CPU); cache_mb: bytes the method's cache "
         "holds after a run",
@@ -117,13 +128,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
         print(shown, flush=True)
         # Rewritten after every row: a long run that is cut short still leaves its rows.
-        write_results(bench.rows, header(args, config, device, dtype, loads), out, stem)
+        write_results(bench.rows, header(args, config, device, dtype, loads, paired), out, stem)
 
     transformer = build_transformer(config, device, dtype)
     adapter = adapter_for(transformer)(name=config.name, device=str(device))
     modes = (False, True) if args.compile else (False,)
+    paired = not cuda if args.paired is None else args.paired
     options = BenchOptions(ratios=ratios, repeats=args.repeats, warmup_runs=args.warmup_runs,
-                           compile_modes=modes, on_row=on_row, retime_reference=args.retime_reference,
+                           compile_modes=modes, on_row=on_row, paired=paired,
                            compile_options={"backend": args.compile_backend})  # fmt: skip
     bench = SpeedBench(config, transformer, adapter, device, dtype, options)
     compiled = [m for m in (args.compile_methods or args.methods).split(",") if m]
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                args.calib_steps or (400 if cuda else 20))  # fmt: skip
         loads.append(os.getloadavg()[0])
         merge_calibration(rows, fits)
-    table = write_results(rows, header(args, config, device, dtype, loads), out, stem)
+    table = write_results(rows, header(args, config, device, dtype, loads, paired), out, stem)
     print(table.to_string())
     return table
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import compiled_regions, regions
+from lbridge.bench.compile import CompiledRegions, regions
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
-from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params
+from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
+from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,19 +35,19 @@ def load_script(name: str = "bench_speed"):
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     args = ["--device", "cpu", "--config", "flux-tiny", "--methods", METHODS, "--ratios", "2,3",
-            "--repeats", "1", "--compile-backend", "eager", "--compile-methods", "fora,learnibridge",
+            "--repeats", "1", "--compile-backend", "eager", "--compile-methods", "fora,toca,learnibridge",
             "--calib-prompts", "1", "--calib-steps", "2", "--out", str(out)]  # fmt: skip
     load_script().main(args)
     return out
 
 
-def planned(name: str):
+def planned(name: str, loop: DenoisingLoop | None = None):
     config = CONFIGS["flux-tiny"]
-    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
-    loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
-    acc = Accelerator(
-        loop, load_method(name, **method_params(name, config.steps)), adapter_for(transformer)(name="t")
-    )
+    if loop is None:
+        transformer = build_transformer(config, torch.device("cpu"), torch.float32)
+        loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+    method = load_method(name, **method_params(name, config.steps))
+    acc = Accelerator(loop, method, adapter_for(loop.transformer)(name="t"))
     acc.plan(1.0, {"num_inference_steps": config.steps})
     return acc, loop
 
@@ -66,7 +67,7 @@ def test_columns_and_rows(table):
         assert column in frame.columns
     eager = frame[frame["mode"] == "eager"]
     assert set(eager["method"]) == {"none", *METHODS.split(",")}
-    assert set(frame[frame["mode"] == "compiled"]["method"]) == {"none", "fora", "learnibridge"}
+    assert set(frame[frame["mode"] == "compiled"]["method"]) == {"none", "fora", "toca", "learnibridge"}
     timed = frame.dropna(subset=["latency_speedup"])
     assert (timed["efficiency"] - timed["latency_speedup"] / timed["flops_speedup"]).abs().max() < 1e-3
     assert (eager[eager["method"] == "learnibridge"]["calibrate_s"].dropna() > 0).any()
@@ -90,6 +91,8 @@ def test_flops_speedup_is_the_schedule_ratio(table, method):
 
 
 def test_cached_steps_never_recompile(table):
+    """Nor does swapping full compute's compiled blocks and a method's compiled regions run by run
+    (ToCa compiles the sites inside the blocks): the timed rounds build no graph."""
     frame = pd.read_csv(table / "cpu.csv", comment="#")
     compiled = frame[frame["mode"] == "compiled"].dropna(subset=["recompiles"])
     assert len(compiled) > 0
@@ -108,12 +111,40 @@ def test_cache_bytes_counts_what_the_hooks_hold():
     assert held >= 16 * 32 * 4 and held <= 2 * final
 
 
-def test_compiled_regions_are_restored():
+def test_compiled_regions_are_installed_only_while_their_method_is():
     acc, _ = planned("fora")
     blocks = acc.adapter.blocks(acc.transformer)
-    with compiled_regions(acc, True, backend="eager"):
-        assert all("forward" in b.__dict__ for b in blocks)
+    contender = CompiledRegions(acc, True, backend="eager")
     assert not any("forward" in b.__dict__ for b in blocks)
+    with contender.installed():
+        assert acc.attached and all("forward" in b.__dict__ for b in blocks)
+    assert not acc.attached and not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_paired_timing_alternates_full_compute_and_the_method_run_by_run(monkeypatch):
+    acc, loop = planned("fora")
+    full, _ = planned("none", loop)
+    steps = loop.config.steps
+    acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse("F" + "c" * (steps - 1)))
+    order = []
+    for name, each in (("full", full), ("fora", acc)):
+        attach = each.attach
+        monkeypatch.setattr(each, "attach", lambda attach=attach, name=name: order.append(name) or attach())
+    contenders = [CompiledRegions(full, False), CompiledRegions(acc, False)]
+    reference, method = time_runs(contenders, loop, steps, repeats=2, warmup=0, count_syncs=False)
+    assert order == ["full", "fora", "full", "fora"]
+    assert len(reference.seconds) == len(method.seconds) == 2
+    assert set(reference.realised) == {"F"} and "c" in method.realised
+    assert reference.flops > method.flops
+    assert not acc.attached and not full.attached
+
+
+def test_a_paired_speedup_cancels_the_drift_a_ratio_of_medians_keeps():
+    # A method twice as fast as full compute, on a machine that slows down: each pair runs together.
+    reference, method = [1.0, 2.0, 4.0, 8.0, 16.0], [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert speedup(reference, method, paired=True) == 2.0
+    # Full compute timed in the machine's fast minutes, the method in its slow ones.
+    assert speedup([1.0, 1.0, 1.0], [0.5, 2.0, 2.0], paired=False) == 0.5
 
 
 def test_learnibridges_cached_step_module_is_a_compiled_region_whatever_the_planned_schedule():

@@ -78,19 +78,30 @@ def regions(acc: Accelerator) -> list[torch.nn.Module]:
     return found + extra
 
 
-@contextmanager
-def compiled_regions(acc: Accelerator, enabled: bool, **options: Any) -> Iterator[CompileStats]:
-    """Compile `regions(acc)` for the duration (hooks must be attached inside, and are removed on exit)."""
-    stats = CompileStats(enabled, start=dynamo_counts())
-    if not enabled:
-        yield stats
-        return
-    modules = regions(acc)
-    for module in modules:
-        module.forward = torch.compile(module.forward, **options)
-    try:
-        yield stats
-    finally:
-        acc.remove()
-        for module in modules:
-            module.__dict__.pop("forward", None)
+class CompiledRegions:
+    """One accelerator with its compiled regions, swapped in only while it is installed.
+
+    Paired timing alternates full compute and a method run by run, and the two compile different
+    regions (whole blocks; ToCa's sites inside them): each run installs its own compiled forwards,
+    then its hooks, and takes both away after. The compiled callables live as long as this object,
+    so re-installing re-enters the graphs dynamo already built (a swap that made dynamo build again
+    would show as `recompiles`).
+    """
+
+    def __init__(self, acc: Accelerator, enabled: bool, **options: Any) -> None:
+        self.acc = acc
+        self.stats = CompileStats(enabled, start=dynamo_counts())
+        modules = regions(acc) if enabled else []
+        self.compiled = [(module, torch.compile(module.forward, **options)) for module in modules]
+
+    @contextmanager
+    def installed(self) -> Iterator[Accelerator]:
+        for module, forward in self.compiled:  # before the hooks, so the hooks wrap compiled code
+            module.forward = forward
+        self.acc.attach()
+        try:
+            yield self.acc
+        finally:
+            self.acc.remove()
+            for module, _ in self.compiled:
+                module.__dict__.pop("forward", None)

@@ -2,8 +2,13 @@
 
 Each method is planned by `lbridge.api.Accelerator` (FLOPs of a FULL and a CACHED call counted with
 FlopCounterMode, as `lbridge sample` does), its schedule solved for each target ratio, and the
-denoising loop timed with the method's hooks installed: one warm-up run, then the median of
-`repeats` runs, device-synchronised. FLOPs per run are counted call by call as the calls ran.
+denoising loop timed with the method's hooks installed: one warm-up run, then `repeats` timed runs,
+device-synchronised. FLOPs per run are counted call by call as the calls ran.
+
+Paired timing (the default on CPU): full compute is timed again in every row, its runs alternating
+with the method's, and the latency speedup is the median of the per-pair ratios. A shared VM's speed
+drifts by 15-20% over minutes even when idle; a pair of runs seconds apart sees the same machine, so
+the drift cancels in the ratio (timing full compute once per method left it in the efficiency).
 
 Adaptive methods (TeaCache, FirstBlockCache, MagCache) are timed on the static schedule of the
 ratio: their probe runs at every candidate step with a finite threshold too large to trigger a
@@ -20,14 +25,14 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import CompileStats, compiled_regions
+from lbridge.bench.compile import CompiledRegions, CompileStats
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import BenchConfig, DenoisingLoop
 from lbridge.errors import LbridgeError
@@ -103,17 +108,24 @@ class Timing:
         return (max(self.seconds) - min(self.seconds)) / self.median
 
 
-def time_runs(
-    acc: Accelerator, loop: DenoisingLoop, steps: int, repeats: int, warmup: int, count_syncs: bool = True
-) -> Timing:
-    """`warmup` untimed runs, then `repeats` timed runs of the whole denoising loop."""
-    device = loop.latents.device
-    for _ in range(warmup):
-        acc.reset()
-        loop(steps)
-    seconds, cpu_seconds = [], []
-    peak = None
-    for _ in range(repeats):
+def speedup(reference: list[float], method: list[float], paired: bool) -> float:
+    """Median of the per-pair ratios when runs alternated, else the ratio of the medians."""
+    if paired:
+        return statistics.median(r / m for r, m in zip(reference, method, strict=True))
+    return statistics.median(reference) / statistics.median(method)
+
+
+class _Runs:
+    """The timed runs of one contender, and what its last run left (cache, realised calls)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self.peak: int | None = None
+        self.held = 0
+
+    def time(self, acc: Accelerator, loop: DenoisingLoop, steps: int) -> None:
+        device = loop.latents.device
         acc.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -121,16 +133,45 @@ def time_runs(
         start, cpu_start = time.perf_counter(), time.process_time()
         loop(steps)
         _sync(device)
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - cpu_start)
+        self.seconds.append(time.perf_counter() - start)
+        self.cpu_seconds.append(time.process_time() - cpu_start)
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-    held = cache_bytes(acc.method)  # after a run: what the cache holds at its end
-    timing = Timing(seconds, cpu_seconds, acc.sample_flops(), acc.runtime.realised_schedule(), held, peak)
-    if repeats and count_syncs:
-        acc.reset()
-        timing.syncs = host_syncs(lambda: loop(steps), device)
-    return timing
+            self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(device))
+        self.held = cache_bytes(acc.method)  # while attached: what the cache holds at a run's end
+
+    def timing(self, acc: Accelerator) -> Timing:
+        flops, realised = acc.sample_flops(), acc.runtime.realised_schedule()  # of the last run
+        return Timing(self.seconds, self.cpu_seconds, flops, realised, self.held, self.peak)
+
+
+def time_runs(
+    contenders: Sequence[CompiledRegions], loop: DenoisingLoop, steps: int, repeats: int, warmup: int,
+    count_syncs: bool = True,
+) -> list[Timing]:  # fmt: skip
+    """`warmup` untimed runs of each contender, then `repeats` rounds of one timed run of each in turn.
+
+    With two contenders (full compute, a method) the runs alternate, each installed only for its own
+    run, so a machine whose speed drifts during the measurement slows both alike. Host syncs are
+    counted in one more, untimed run of the last contender.
+    """
+    for contender in contenders if warmup else ():
+        with contender.installed() as acc:
+            for _ in range(warmup):
+                acc.reset()
+                loop(steps)
+    runs = [_Runs() for _ in contenders]
+    for _ in range(repeats):
+        for contender, timed in zip(contenders, runs, strict=True):
+            with contender.installed() as acc:
+                timed.time(acc, loop, steps)
+    if not repeats:
+        return []
+    timings = [timed.timing(contender.acc) for contender, timed in zip(contenders, runs, strict=True)]
+    if count_syncs:
+        with contenders[-1].installed() as acc:
+            acc.reset()
+            timings[-1].syncs = host_syncs(lambda: loop(steps), loop.latents.device)
+    return timings
 
 
 @dataclass
@@ -140,8 +181,9 @@ class BenchOptions:
     warmup_runs: int = 1
     schedule_warmup: int = 1
     compile_modes: tuple[bool, ...] = (False,)
-    #: Time full compute again before each method: on a shared machine the load drifts within a run.
-    retime_reference: bool = True
+    #: Time full compute in every row, alternating with the method (a shared machine drifts); when
+    #: False, full compute is timed once per pass (a dedicated GPU: half the device time).
+    paired: bool = True
     on_row: Callable[[dict[str, Any]], None] | None = None
     #: torch.compile keyword arguments (tests use backend="eager": dynamo's tracing without inductor).
     compile_options: dict[str, Any] = field(default_factory=dict)
@@ -156,8 +198,8 @@ class SpeedBench:
         self.loop = DenoisingLoop(transformer, config, device, dtype)
         self.steps = config.steps
         self.rows: list[dict[str, Any]] = []
-        self.reference: dict[bool, Timing] = {}  # compile mode -> the full-compute timing
-        self.reference_acc: Accelerator | None = None
+        self.full_compute: CompiledRegions | None = None  # the reference contender of the current pass
+        self.reference: Timing | None = None  # full compute as timed in its own row
 
     def run(self, methods: list[str], compiled_methods: list[str] | None = None) -> list[dict[str, Any]]:
         """Eager, then compiled (when enabled), each pass starting with its full-compute reference."""
@@ -183,67 +225,55 @@ class SpeedBench:
         acc = Accelerator(self.loop, method, self.adapter)
         # Ratio 1: only the costs of a FULL and a CACHED call; each ratio's schedule is solved below.
         acc.plan(1.0, {"num_inference_steps": self.steps}, warmup=self.options.schedule_warmup)
+        contender = CompiledRegions(acc, compiled, **self.options.compile_options)
+        if name == "none":
+            self.full_compute = contender
         ratios = self.options.ratios if method.accelerates else (1.0,)
         previous: tuple[Schedule, dict] | None = None
-        if name == "none":
-            self.reference_acc = acc
-        elif self.options.retime_reference and self.reference_acc is not None:
-            self.retime_reference(compiled)
-        with compiled_regions(acc, compiled, **self.options.compile_options) as stats:
-            for ratio in ratios:
-                row = {"method": name, "ratio_target": ratio, "mode": "compiled" if compiled else "eager"}
-                try:
-                    schedule = self.schedule_for(acc, ratio)
-                except LbridgeError as err:
-                    self.emit({**row, "note": str(err).split(";")[0]})
-                    continue
-                if previous is not None and previous[0] == schedule:  # same work: no need to time it again
-                    self.emit(
-                        {**previous[1], "ratio_target": ratio, "note": "same schedule as the row above"}
-                    )
-                    continue
-                result = self.time_schedule(acc, schedule, stats, first=previous is None)
-                if name == "none":
-                    self.reference[compiled] = result
-                row.update(self.describe(result, compiled, stats))
-                self.emit(row)
-                previous = (schedule, row)
-
-    def retime_reference(self, compiled: bool) -> None:
-        """Full compute timed again (same repeats), so a method is compared with the load of its time."""
-        acc = self.reference_acc
-        with compiled_regions(acc, compiled, **self.options.compile_options):
-            acc.attach()
-            warmup = 1 if compiled else 0  # the compiled graphs exist; the warm-up only re-enters them
-            self.reference[compiled] = time_runs(
-                acc, self.loop, self.steps, self.options.repeats, warmup, False
-            )
-            acc.remove()
+        for ratio in ratios:
+            row = {"method": name, "ratio_target": ratio, "mode": "compiled" if compiled else "eager"}
+            try:
+                schedule = self.schedule_for(acc, ratio)
+            except LbridgeError as err:
+                self.emit({**row, "note": str(err).split(";")[0]})
+                continue
+            if previous is not None and previous[0] == schedule:  # same work: no need to time it again
+                self.emit({**previous[1], "ratio_target": ratio, "note": "same schedule as the row above"})
+                continue
+            reference, result, paired = self.time_schedule(contender, schedule, first=previous is None)
+            row.update(self.describe(reference, result, paired, contender.stats))
+            self.emit(row)
+            previous = (schedule, row)
 
     def schedule_for(self, acc: Accelerator, ratio: float) -> Schedule:
         if not acc.method.accelerates:
             return Schedule.all_full(self.steps)
         return solve(self.steps, acc.cost.full, acc.cost.cached, float(ratio), self.options.schedule_warmup)
 
-    def time_schedule(self, acc: Accelerator, schedule: Schedule, stats: CompileStats, first: bool) -> Timing:
-        acc.remove()
+    def time_schedule(
+        self, contender: CompiledRegions, schedule: Schedule, first: bool
+    ) -> tuple[Timing, Timing, bool]:
+        """Full compute, the method on `schedule`, and whether the two were timed in alternation."""
+        acc = contender.acc
         acc.runtime = CacheRuntime(SchedulerClock(self.loop.scheduler), schedule)
-        acc.attach()
         # Every new schedule gets its warm-up: compiled regions may meet new shapes on a new pattern.
+        # Full compute needs none: its graphs exist, and alternation makes every run follow a swap.
         warmup = max(self.options.warmup_runs, 1 if first else 0)
-        stats.mark_warm(lambda: time_runs(acc, self.loop, self.steps, 0, warmup))
-        result = time_runs(acc, self.loop, self.steps, self.options.repeats, 0)
-        stats.mark_timed()
-        acc.remove()
-        return result
+        contender.stats.mark_warm(lambda: time_runs([contender], self.loop, self.steps, 0, warmup))
+        paired = self.options.paired and contender is not self.full_compute
+        timed = [self.full_compute, contender] if paired else [contender]
+        timings = time_runs(timed, self.loop, self.steps, self.options.repeats, 0)
+        contender.stats.mark_timed()
+        if contender is self.full_compute:
+            self.reference = timings[0]
+        return (timings[0] if paired else self.reference), timings[-1], paired
 
-    def describe(self, result: Timing, compiled: bool, stats: CompileStats) -> dict:
-        reference = self.reference[compiled]
+    def describe(self, reference: Timing, result: Timing, paired: bool, stats: CompileStats) -> dict:
         flops_x = reference.flops / result.flops
-        latency_x = reference.median / result.median
+        latency_x = speedup(reference.seconds, result.seconds, paired)
         # This process's CPU time: on shared cores the load-robust measure of the same work (on CUDA
         # the host mostly waits for the GPU: left blank).
-        cpu_x = statistics.median(reference.cpu_seconds) / statistics.median(result.cpu_seconds)
+        cpu_x = speedup(reference.cpu_seconds, result.cpu_seconds, paired)
         if self.loop.latents.device.type == "cuda":
             cpu_x = None
         return {
