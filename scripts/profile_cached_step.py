@@ -3,12 +3,14 @@
     python scripts/profile_cached_step.py --methods fora,toca,learnibridge          # flux-medium, CPU
     python scripts/profile_cached_step.py --device cuda --config flux-dev --profile fora
     python scripts/profile_cached_step.py --out results/speed      # also <device>-cached-step.{csv,md}
+    python scripts/profile_cached_step.py --compile --out results/speed   # <device>-cached-step-compiled
 
 Each transformer call is timed on its own: the median CACHED call of runs of one FULL step then only
 CACHED steps, against the FLOPs share of the median FULL call of all-FULL runs that alternate with
 them. The excess is what the latency/FLOPs efficiency loses per CACHED step. CPU: this process's CPU
-time (steady on shared cores); CUDA: synchronised wall time. `--profile METHOD` prints
-torch.profiler's op table of that method's run.
+time (steady on shared cores); CUDA: synchronised wall time. `--compile`: both with the regional
+torch.compile of the speed benchmark (each run installs its own compiled regions). `--profile METHOD`
+prints torch.profiler's op table of that method's run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
+from lbridge.bench.compile import CompiledRegions
 from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
 from lbridge.bench.run import method_params
@@ -60,39 +63,38 @@ class CallTimer:
             handle.remove()
 
 
-def call_seconds(loop: DenoisingLoop, acc: Accelerator) -> list[float]:
-    """One run of the loop with `acc` attached: the seconds of each transformer call."""
+def call_seconds(loop: DenoisingLoop, contender: CompiledRegions) -> list[float]:
+    """One run of the loop with `contender` installed: the seconds of each transformer call."""
     timer = CallTimer(loop.transformer, loop.latents.device.type == "cuda")
-    acc.attach()
-    acc.reset()
     try:
-        loop(loop.config.steps)
+        with contender.installed() as acc:
+            acc.reset()
+            loop(loop.config.steps)
     finally:
-        acc.remove()
         timer.remove()
     return timer.seconds
 
 
 def paired_medians(
-    loop: DenoisingLoop, reference: Accelerator, acc: Accelerator, runs: int
+    loop: DenoisingLoop, reference: CompiledRegions, method: CompiledRegions, runs: int
 ) -> tuple[float, float]:
-    """Median FULL call (reference runs) and median CACHED call (`acc` runs), runs alternating.
+    """Median FULL call (reference runs) and median CACHED call (`method` runs), runs alternating.
 
     Calls are timed one by one and the two runs interleave, so a machine that slows down during the
     measurement slows both alike (timing whole runs and subtracting FULL time let drift land on the
-    CACHED estimate). The first pair is a warm-up.
+    CACHED estimate). The first pair is a warm-up (and, compiled, where the graphs are built).
     """
     full, cached = [], []
     first_cached = len(loop.branches)  # step 0 is FULL: one call per CFG branch
     for run in range(runs + 1):
-        reference_calls, method_calls = call_seconds(loop, reference), call_seconds(loop, acc)
+        reference_calls, method_calls = call_seconds(loop, reference), call_seconds(loop, method)
         if run:
             full += reference_calls
             cached += method_calls[first_cached:]
     return statistics.median(full), statistics.median(cached)
 
 
-def attached(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
+def planned(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
     acc = Accelerator(loop, load_method(name, **method_params(name, loop.config.steps)), adapter)
     acc.plan(1.0, {"num_inference_steps": loop.config.steps})
     acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
@@ -109,6 +111,8 @@ def main() -> None:
     )
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="regional torch.compile, as the speed benchmark")
+    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     args = p.parse_args()
@@ -119,11 +123,13 @@ def main() -> None:
     loop = DenoisingLoop(build_transformer(config, device, dtype), config, device, dtype)
     adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
     steps = config.steps
-    reference = attached(loop, adapter, "none", "F" * steps)
+    options = {"backend": args.compile_backend}
+    reference = CompiledRegions(planned(loop, adapter, "none", "F" * steps), args.compile, **options)
     rows = []
     for name in args.methods.split(","):
-        acc = attached(loop, adapter, name, "F" + "c" * (steps - 1))
-        full, cached = paired_medians(loop, reference, acc, args.runs)
+        acc = planned(loop, adapter, name, "F" + "c" * (steps - 1))
+        method = CompiledRegions(acc, args.compile, **options)
+        full, cached = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
             f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
@@ -133,13 +139,11 @@ def main() -> None:
                      "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted,
                      "full_ms": 1000 * full})  # fmt: skip
         if name == args.profile:
-            acc.attach()
-            acc.reset()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
+            with method.installed(), profile(activities=activities) as prof:
+                acc.reset()
                 loop(steps)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-            acc.remove()
     if args.out:
         write(pd.DataFrame(rows), args, device, config)
 
@@ -147,15 +151,17 @@ def main() -> None:
 def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/profile_cached_step.py", *sys.argv[1:]])
     clock = "synchronised wall time" if device.type == "cuda" else "this process's CPU time"
+    compiled = f"; both with regional torch.compile ({args.compile_backend})" if args.compile else ""
     caption = (
         f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
         f"medians over {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps, alternating with "
-        f"{args.runs} all-FULL runs (`full_ms`).\n\n"
+        f"{args.runs} all-FULL runs (`full_ms`){compiled}.\n\n"
         f"- command: `{command}`\n- config: {config.name} ({config.note})\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n\n"
     )
-    files = write_csv_md(table, Path(args.out), f"{file_stem(device)}-cached-step", caption)
+    stem = f"{file_stem(device)}-cached-step" + ("-compiled" if args.compile else "")
+    files = write_csv_md(table, Path(args.out), stem, caption)
     print("written:", ", ".join(map(str, files)))
 
 

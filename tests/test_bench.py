@@ -139,12 +139,10 @@ def test_paired_timing_alternates_full_compute_and_the_method_run_by_run(monkeyp
     assert not acc.attached and not full.attached
 
 
-def test_a_paired_speedup_cancels_the_drift_a_ratio_of_medians_keeps():
-    # A method twice as fast as full compute, on a machine that slows down: each pair runs together.
-    reference, method = [1.0, 2.0, 4.0, 8.0, 16.0], [0.5, 1.0, 2.0, 4.0, 8.0]
-    assert speedup(reference, method, paired=True) == 2.0
-    # Full compute timed in the machine's fast minutes, the method in its slow ones.
-    assert speedup([1.0, 1.0, 1.0], [0.5, 2.0, 2.0], paired=False) == 0.5
+def test_a_speedup_compares_the_fastest_runs_so_a_slowed_run_does_not_move_it():
+    reference, method = [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]  # a method twice as fast as full compute
+    assert speedup(reference, method) == 2.0
+    assert speedup([1.0, 1.4, 1.0], [0.5, 0.5, 0.9]) == 2.0  # one run of each slowed by another job
 
 
 def test_learnibridges_cached_step_module_is_a_compiled_region_whatever_the_planned_schedule():

@@ -5,10 +5,12 @@ FlopCounterMode, as `lbridge sample` does), its schedule solved for each target 
 denoising loop timed with the method's hooks installed: one warm-up run, then `repeats` timed runs,
 device-synchronised. FLOPs per run are counted call by call as the calls ran.
 
-Paired timing (the default on CPU): full compute is timed again in every row, its runs alternating
-with the method's, and the latency speedup is the median of the per-pair ratios. A shared VM's speed
-drifts by 15-20% over minutes even when idle; a pair of runs seconds apart sees the same machine, so
-the drift cancels in the ratio (timing full compute once per method left it in the efficiency).
+Speedups are ratios of the *fastest* runs: interference (other jobs, a neighbour on the host) only
+ever slows a run, so the fastest of a few is the closest to the machine's own speed (timeit's rule).
+Paired timing (the default on CPU) times full compute again in every row, its runs alternating with
+the method's: a shared VM's speed also drifts by 15-20% over minutes, and the fastest runs of both
+then come from the same minutes (timing full compute once per method left the drift in the
+efficiency column).
 
 Adaptive methods (TeaCache, FirstBlockCache, MagCache) are timed on the static schedule of the
 ratio: their probe runs at every candidate step with a finite threshold too large to trigger a
@@ -103,16 +105,18 @@ class Timing:
         return statistics.median(self.seconds)
 
     @property
+    def fastest(self) -> float:
+        return min(self.seconds)
+
+    @property
     def spread(self) -> float:
         """(max - min) / median over the timed repeats: how noisy this row is."""
         return (max(self.seconds) - min(self.seconds)) / self.median
 
 
-def speedup(reference: list[float], method: list[float], paired: bool) -> float:
-    """Median of the per-pair ratios when runs alternated, else the ratio of the medians."""
-    if paired:
-        return statistics.median(r / m for r, m in zip(reference, method, strict=True))
-    return statistics.median(reference) / statistics.median(method)
+def speedup(reference: list[float], method: list[float]) -> float:
+    """Fastest full-compute run over the method's fastest: slowdowns from interference drop out."""
+    return min(reference) / min(method)
 
 
 class _Runs:
@@ -240,8 +244,8 @@ class SpeedBench:
             if previous is not None and previous[0] == schedule:  # same work: no need to time it again
                 self.emit({**previous[1], "ratio_target": ratio, "note": "same schedule as the row above"})
                 continue
-            reference, result, paired = self.time_schedule(contender, schedule, first=previous is None)
-            row.update(self.describe(reference, result, paired, contender.stats))
+            reference, result = self.time_schedule(contender, schedule, first=previous is None)
+            row.update(self.describe(reference, result, contender.stats))
             self.emit(row)
             previous = (schedule, row)
 
@@ -252,8 +256,8 @@ class SpeedBench:
 
     def time_schedule(
         self, contender: CompiledRegions, schedule: Schedule, first: bool
-    ) -> tuple[Timing, Timing, bool]:
-        """Full compute, the method on `schedule`, and whether the two were timed in alternation."""
+    ) -> tuple[Timing, Timing]:
+        """Full compute and the method on `schedule`; full compute timed alongside when paired."""
         acc = contender.acc
         acc.runtime = CacheRuntime(SchedulerClock(self.loop.scheduler), schedule)
         # Every new schedule gets its warm-up: compiled regions may meet new shapes on a new pattern.
@@ -266,14 +270,14 @@ class SpeedBench:
         contender.stats.mark_timed()
         if contender is self.full_compute:
             self.reference = timings[0]
-        return (timings[0] if paired else self.reference), timings[-1], paired
+        return (timings[0] if paired else self.reference), timings[-1]
 
-    def describe(self, reference: Timing, result: Timing, paired: bool, stats: CompileStats) -> dict:
+    def describe(self, reference: Timing, result: Timing, stats: CompileStats) -> dict:
         flops_x = reference.flops / result.flops
-        latency_x = speedup(reference.seconds, result.seconds, paired)
+        latency_x = speedup(reference.seconds, result.seconds)
         # This process's CPU time: on shared cores the load-robust measure of the same work (on CUDA
         # the host mostly waits for the GPU: left blank).
-        cpu_x = speedup(reference.cpu_seconds, result.cpu_seconds, paired)
+        cpu_x = speedup(reference.cpu_seconds, result.cpu_seconds)
         if self.loop.latents.device.type == "cuda":
             cpu_x = None
         return {
@@ -281,8 +285,8 @@ class SpeedBench:
             "flops_speedup": flops_x,
             "latency_speedup": latency_x,
             "efficiency": latency_x / flops_x,
-            "latency_s": result.median,
-            "reference_s": reference.median,
+            "latency_s": result.fastest,
+            "reference_s": reference.fastest,
             "latency_spread": result.spread,
             "cpu_time_speedup": cpu_x,
             "cpu_efficiency": None if cpu_x is None else cpu_x / flops_x,
