@@ -167,15 +167,20 @@ def test_video_families_run_the_same_bench(config):
     assert fora["cache_mb"] > 0
 
 
-def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch):
+COMPILED = ["--compile", "--compile-backend", "eager"]
+
+
+@pytest.mark.parametrize("compiled", [[], COMPILED], ids=["eager", "compiled"])
+def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch, compiled):
     args = ["--config", "flux-tiny", "--methods", "fora,learnibridge", "--runs", "1", "--out", str(tmp_path)]
-    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, *compiled])
     load_script("profile_cached_step").main()
-    table = pd.read_csv(tmp_path / "cpu-cached-step.csv")
+    stem = "cpu-cached-step" + ("-compiled" if compiled else "")
+    table = pd.read_csv(tmp_path / f"{stem}.csv")
     assert table["method"].tolist() == ["fora", "learnibridge"]
     recomputed = table["cached_ms"] / table["flops_share_ms"]  # from 4-decimal csv values
     assert ((table["ratio"] - recomputed).abs() / recomputed).max() < 1e-2
     assert (
         "command: `python scripts/profile_cached_step.py --config flux-tiny"
-        in (tmp_path / "cpu-cached-step.md").read_text()
+        in (tmp_path / f"{stem}.md").read_text()
     )
