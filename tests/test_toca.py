@@ -17,9 +17,16 @@ import torch
 import lbridge
 from lbridge.errors import LbridgeError
 from lbridge.methods import load_method
-from lbridge.methods.toca import ElementwiseFollowerHook, TokenRefreshHook, refresh_count, spread_order
+from lbridge.methods.toca import (
+    GatherReuseHook,
+    TokenFollowerHook,
+    TokenRefreshHook,
+    refresh_count,
+    spread_order,
+)
+from lbridge.models.base import ParallelBranches
 from lbridge.runtime.context import CacheRuntime, ManualClock
-from lbridge.runtime.hooks import register
+from lbridge.runtime.hooks import ReuseOutputHook, register
 from lbridge.runtime.schedule import Schedule
 
 TOKENS = 8
@@ -55,13 +62,13 @@ def test_the_tokens_cached_longest_are_refreshed_and_their_age_resets():
     for step in range(4):
         made.append(made_at(call(runtime, module, step, tokens(step))))
         if step == 0:
-            assert hook.caches["cond"].age.tolist() == [0] * TOKENS
+            assert hook.ages["cond"].age.tolist() == [0] * TOKENS
     # Step 1: all ages 1 -> tokens 0-2 (raster tie-break). Step 2: ages [0,0,0,2,2,2,2,2] -> 3-5.
     # Step 3: ages [1,1,1,0,0,0,3,3] + 1 -> 6 and 7 (age 3), then token 0 (age 2, first in raster order).
     assert made[1] == [1, 1, 1, 0, 0, 0, 0, 0]
     assert made[2] == [1, 1, 1, 2, 2, 2, 0, 0]
     assert made[3] == [3, 1, 1, 2, 2, 2, 3, 3]
-    assert hook.caches["cond"].age.tolist() == [0, 2, 2, 1, 1, 1, 0, 0]
+    assert hook.ages["cond"].age.tolist() == [0, 2, 2, 1, 1, 1, 0, 0]
 
 
 def test_spread_tie_break_picks_evenly_spaced_tokens_and_cycles_through_all():
@@ -86,7 +93,7 @@ def test_a_full_step_recomputes_everything_and_resets_every_age():
     runtime, module, hook = hooked("FccFc", refresh_ratio=2 / TOKENS)
     outputs = [call(runtime, module, step, tokens(step)) for step in range(5)]
     assert made_at(outputs[3]) == [3] * TOKENS and made_at(outputs[4]) == [4, 4, 3, 3, 3, 3, 3, 3]
-    assert hook.caches["cond"].age.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert hook.ages["cond"].age.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def test_the_full_steps_output_is_never_written_to_by_later_refreshes():
@@ -112,47 +119,127 @@ class Doubler(torch.nn.Module):
 def test_an_elementwise_follower_recomputes_only_the_tokens_its_site_refreshed():
     runtime, site, hook = hooked("Fccc", refresh_ratio=3 / TOKENS)
     follower = Doubler()
-    register(follower, ElementwiseFollowerHook(runtime, hook), "test.follower")
+    register(follower, TokenFollowerHook(runtime, hook), "test.follower")
     for step in range(4):
         output = follower(call(runtime, site, step, tokens(step)))
-        assert torch.equal(output, 2 * hook.caches["cond"].output)  # what the plain module would return
+        assert torch.equal(output, 2 * hook.outputs["cond"].output)  # what the plain module would return
     assert follower.tokens_seen == [TOKENS, 3, 3, 3]
 
 
 def test_an_elementwise_follower_does_nothing_when_its_site_refreshes_nothing():
     runtime, site, hook = hooked("Fcc", refresh_ratio=0.0)
     follower = Doubler()
-    register(follower, ElementwiseFollowerHook(runtime, hook), "test.follower")
+    register(follower, TokenFollowerHook(runtime, hook), "test.follower")
     outputs = [follower(call(runtime, site, step, tokens(step))) for step in range(3)]
     assert follower.tokens_seen == [TOKENS] and all(o is outputs[0] for o in outputs)
 
 
+class ParallelBlock(torch.nn.Module):
+    """FLUX's single-block layout: `projection(cat([attention(x), activation(mlp(x))], dim=-1))`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention, self.mlp = torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)
+        self.activation, self.projection = Doubler(), torch.nn.Linear(12, 4)
+        self.projection.forward = self.counting(self.projection.forward)
+        self.projection_tokens: list[int] = []
+
+    def counting(self, forward):
+        def run(x):
+            self.projection_tokens.append(x.shape[1])
+            return forward(x)
+
+        return run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.activation(self.mlp(x))  # before attention, as in FLUX: the MLP picks the tokens
+        return self.projection(torch.cat([self.attention(x), mlp], dim=-1))
+
+    def branches(self) -> ParallelBranches:
+        return ParallelBranches(self.attention, self.mlp, self.activation, self.projection)
+
+
+def hooked_parallel(schedule: str, refresh_ratio: float, compact: bool):
+    """A ParallelBlock with ToCa's hooks: compact (the branches on the refreshed tokens alone) or not
+    (MLP and activation refreshed per token, attention reused, the projection over every token)."""
+    runtime, block = CacheRuntime(ManualClock(len(schedule)), Schedule.parse(schedule)), ParallelBlock()
+    site = TokenRefreshHook(runtime, refresh_ratio, "age", "raster", compact=compact)
+    register(block.mlp, site, "test.toca")
+    if compact:
+        register(block.attention, GatherReuseHook(runtime, site, block.branches()), "test.attention")
+        register(block.projection, TokenFollowerHook(runtime, site, compact=True), "test.projection")
+    else:
+        register(block.attention, ReuseOutputHook(runtime), "test.attention")
+        register(block.activation, TokenFollowerHook(runtime, site), "test.follower")
+    return runtime, block
+
+
 @torch.no_grad()
-def test_on_flux_the_single_block_gelu_follows_proj_mlp_and_changes_nothing(monkeypatch):
+def test_a_parallel_block_projects_only_the_refreshed_tokens_and_returns_what_projecting_all_would():
+    compact_runtime, compact = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, compact=True)
+    plain_runtime, plain = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, compact=False)
+    for step in range(4):
+        x = torch.randn(2, TOKENS, 4)
+        torch.testing.assert_close(
+            call(compact_runtime, compact, step, x), call(plain_runtime, plain, step, x), rtol=1e-6, atol=1e-6
+        )
+    assert compact.projection_tokens == [TOKENS, 3, 3, 3] and plain.projection_tokens == [TOKENS] * 4
+    assert compact.activation.tokens_seen == [TOKENS, 3, 3, 3]
+
+
+@torch.no_grad()
+def test_a_parallel_block_refreshing_nothing_returns_its_full_steps_output():
+    runtime, block = hooked_parallel("Fcc", refresh_ratio=0.0, compact=True)
+    outputs = [call(runtime, block, step, torch.randn(2, TOKENS, 4)) for step in range(3)]
+    assert block.projection_tokens == [TOKENS] and all(o is outputs[0] for o in outputs)
+
+
+def run_bench_toca(config_name: str, parallel: bool, **params):
+    """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hooks)."""
     from lbridge.api import Accelerator
     from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
-    from lbridge.models.flux import FluxAdapter
+    from lbridge.models.base import adapter_for
 
-    config = CONFIGS["flux-tiny"]
+    config = CONFIGS[config_name]
+    torch.manual_seed(0)
     transformer = build_transformer(config, torch.device("cpu"), torch.float32)
     loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+    adapter = adapter_for(transformer)(name="t")
+    if not parallel:
+        adapter.parallel_branches = lambda block: None
+    acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25, **params), adapter)
+    acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
+    acc.attach()
+    try:
+        with torch.no_grad():
+            latents = loop(config.steps)
+        return latents, acc.cost, [hook for _, hook in acc.method._hooks], loop
+    finally:
+        acc.remove()
 
-    def run_toca():
-        acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25), FluxAdapter(name="t"))
-        acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
-        acc.attach()
-        try:
-            hooks = [hook for _, hook in acc.method._hooks if isinstance(hook, ElementwiseFollowerHook)]
-            return loop(config.steps), hooks
-        finally:
-            acc.remove()
 
-    latents, followers = run_toca()
-    assert len(followers) == len(transformer.single_transformer_blocks)
-    monkeypatch.setattr(FluxAdapter, "elementwise_after", lambda self, block, site: None)
-    without, none = run_toca()
-    assert none == [] and not torch.equal(latents, loop.latents)
-    torch.testing.assert_close(latents, without, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("config_name", ["flux-tiny", "hunyuan-tiny"])
+def test_single_stream_blocks_project_only_the_refreshed_tokens_and_change_nothing(config_name):
+    latents, cost, hooks, loop = run_bench_toca(config_name, parallel=True)
+    plain, plain_cost, plain_hooks, _ = run_bench_toca(config_name, parallel=False)
+    single_blocks = len(loop.transformer.single_transformer_blocks)
+    assert sum(isinstance(h, TokenFollowerHook) and h.compact for h in hooks) == single_blocks
+    assert not any(isinstance(h, TokenFollowerHook) for h in plain_hooks)
+    assert not torch.equal(latents, loop.latents)
+    torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
+    assert cost.full == plain_cost.full and cost.cached < plain_cost.cached
+
+
+def test_with_attention_recomputed_the_flux_single_block_gelu_follows_proj_mlp_and_changes_nothing():
+    latents, _, hooks, loop = run_bench_toca("flux-tiny", parallel=True, attention="recompute")
+    plain, _, plain_hooks, _ = run_bench_toca("flux-tiny", parallel=False, attention="recompute")
+    followers = [h for h in hooks if isinstance(h, TokenFollowerHook)]
+    assert len(followers) == len(loop.transformer.single_transformer_blocks)
+    assert not any(h.compact for h in followers) and not any(
+        isinstance(h, TokenFollowerHook) for h in plain_hooks
+    )
+    torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_each_cfg_branch_has_its_own_cache_and_ages():
@@ -163,7 +250,7 @@ def test_each_cfg_branch_has_its_own_cache_and_ages():
             if step == 1:
                 expected = torch.cat([tokens(1)[:, :2], tokens(0)[:, 2:]], dim=1)
                 torch.testing.assert_close(output, sign * expected, rtol=0, atol=0)
-    assert set(hook.caches) == {"cond", "uncond"}
+    assert set(hook.ages) == {"cond", "uncond"}
 
 
 def mlp() -> torch.nn.Module:
@@ -220,12 +307,14 @@ def run(adapter, pipe, method, ratio, interval=None, **params):
         acc.remove()
 
 
-def test_refresh_ratio_0_is_fora_attn_mlp_bit_for_bit(tiny):
+def test_refresh_ratio_0_samples_what_fora_attn_mlp_does_at_fewer_flops(tiny):
+    # Bit for bit on the same schedule; cheaper, as the single blocks' projection is reused too.
     adapter, pipe = tiny
-    fora, fora_image = run(adapter, pipe, "fora", 3.0, site="attn_mlp")
-    toca, toca_image = run(adapter, pipe, "toca", 3.0, refresh_ratio=0.0)
-    assert toca.cost == fora.cost and str(toca.schedule) == str(fora.schedule)
-    assert toca.schedule.num_cached > 0 and np.array_equal(toca_image, fora_image)
+    fora, fora_image = run(adapter, pipe, "fora", 1.0, interval=3, site="attn_mlp")
+    toca, toca_image = run(adapter, pipe, "toca", 1.0, interval=3, refresh_ratio=0.0)
+    assert str(toca.schedule) == str(fora.schedule) and toca.schedule.num_cached > 0
+    assert np.array_equal(toca_image, fora_image)
+    assert toca.cost.full == fora.cost.full and toca.cost.cached < fora.cost.cached
 
 
 def test_refresh_ratio_1_with_attention_recomputed_is_the_plain_pipeline_bit_for_bit(tiny):
@@ -246,7 +335,7 @@ def test_cached_step_flops_rise_with_refresh_ratio_and_the_solver_reaches_the_ta
         acc.remove()
         assert acc.flops_ratio >= 1.5
         costs.append(acc.cost.cached)
-    assert costs[0] == fora.cost.cached
+    assert costs[0] < fora.cost.cached  # the single blocks' projection is reused too
     assert costs == sorted(set(costs))  # strictly increasing: fewer tokens really run fewer FLOPs
     assert costs[-1] < fora.cost.full  # attention is still reused at refresh_ratio=1
 

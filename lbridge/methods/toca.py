@@ -29,20 +29,28 @@ Scores (which tokens are refreshed):
   stand-in for the paper's spatial-uniformity score, which needs the 2-D token grid);
   `tie_break=raster` takes the lowest token index first.
 
+Parallel blocks (`ModelAdapter.parallel_branches`: FLUX's and HunyuanVideo's single-stream blocks,
+`projection(cat([attention, activation(mlp)]))`): with the attention reused, the projection's input
+changes only at the refreshed tokens, so the projection keeps its output too. The MLP returns the
+refreshed tokens alone, the attention hook returns its FULL output at those tokens, and the
+activation, the concatenation and the projection run on them before the projection scatters into its
+cache: exact, and what ToCa's own FLUX code does (its single blocks cache the second linear's output).
+With `attention=recompute` the projection runs on every token, and only the activation follows the
+MLP token by token.
+
 Token-wise and attention modules are told apart by type: diffusers attention modules
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
-tokens along dim 1 (true of every adapter's `attn_mlp_sites`). `refresh_ratio=0` is FORA
-`site=attn_mlp` bit for bit; `refresh_ratio=1` recomputes every token-wise module on its full input.
-A module the block applies elementwise to a site's output (`ModelAdapter.elementwise_after`: the GELU
-after FLUX's single-block `proj_mlp`) keeps its output too and recomputes the same tokens only, so a
-CACHED step does not redo it over every token.
+tokens along dim 1 (true of every adapter's `attn_mlp_sites`). `refresh_ratio=0` samples what FORA
+`site=attn_mlp` does, bit for bit, at fewer FLOPs where blocks are parallel (the projection is reused
+too); `refresh_ratio=1` recomputes every token-wise module on its full input.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
@@ -52,6 +60,9 @@ from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
+
+if TYPE_CHECKING:
+    from lbridge.models.base import ParallelBranches
 
 SCORES = ("age", "static")
 TIE_BREAKS = ("spread", "raster")
@@ -113,50 +124,59 @@ class CachedOutput:
         return output
 
 
-C = TypeVar("C", bound=CachedOutput)
+@dataclass
+class TokenAges:
+    """A token-wise site's bookkeeping for one CFG branch."""
 
-
-@dataclass(kw_only=True)
-class TokenCache(CachedOutput):
     age: torch.Tensor  # (tokens,) int64: CACHED steps since each token's value was computed
     rank: torch.Tensor  # (tokens,) tie-break rank, on the output's device
     step: int = -1  # the step of the last call
-    refreshed: torch.Tensor | None = None  # tokens recomputed at `step` (None: none)
+    refreshed: torch.Tensor | None = None  # tokens recomputed at `step`, in increasing order
+
+    def refresh(self, count: int, score: str) -> torch.Tensor:
+        """Age every token by one step, then pick the `count` to recompute and reset their age."""
+        num_tokens = self.age.numel()
+        self.age += 1
+        if count == num_tokens:
+            self.refreshed = torch.arange(num_tokens, device=self.age.device)
+            self.age.zero_()
+        else:
+            values = self.age if score == "age" else torch.zeros_like(self.age)
+            self.refreshed = refresh_indices(values, self.rank, count)
+            self.age.index_fill_(0, self.refreshed, 0)
+        return self.refreshed
 
 
 class TokenRefreshHook(ModelHook):
-    """On a token-wise module: FULL step fills the cache, CACHED step recomputes a subset of tokens."""
+    """On a token-wise module: FULL step fills the cache, CACHED step recomputes a subset of tokens.
 
-    def __init__(self, runtime: CacheRuntime, refresh_ratio: float, score: str, tie_break: str) -> None:
+    `compact=True` (the MLP of a parallel block): a CACHED step returns the refreshed tokens' outputs
+    alone and keeps no outputs; the block's projection scatters them (`TokenFollowerHook`).
+    """
+
+    def __init__(
+        self, runtime: CacheRuntime, refresh_ratio: float, score: str, tie_break: str, compact: bool = False
+    ) -> None:
         super().__init__()
         self.runtime, self.refresh_ratio = runtime, refresh_ratio
-        self.score, self.tie_break = score, tie_break
-        self.caches: dict[str, TokenCache] = {}
+        self.score, self.tie_break, self.compact = score, tie_break, compact
+        self.ages: dict[str, TokenAges] = {}
+        self.outputs: dict[str, CachedOutput] = {}
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden, rest, kwargs = _split_tokens(args, kwargs)
+        hidden, run = _split_tokens(self, args, kwargs)
         runtime, branch = self.runtime, self.runtime.branch
         if runtime.is_full:
-            output = self.fn_ref.original_forward(hidden, *rest, **kwargs)
+            output = run(hidden)
             self._fill(branch, hidden, output)
             return output
-        cache = _cache_of(self.caches, runtime, hidden)
-        num_tokens = cache.age.numel()
-        cache.age += 1
-        cache.step, cache.refreshed = runtime.step, None
-        count = refresh_count(self.refresh_ratio, num_tokens)
-        if count == 0:
-            return cache.output  # FORA: the object the FULL step stored
-        if count == num_tokens:  # no gather: the module's own full computation, bit for bit
-            cache.age.zero_()
-            cache.refreshed = torch.arange(num_tokens, device=cache.age.device)
-            return cache.replace(self.fn_ref.original_forward(hidden, *rest, **kwargs))
-        score = cache.age if self.score == "age" else torch.zeros_like(cache.age)
-        index = refresh_indices(score, cache.rank, count)
-        cache.write(index, self.fn_ref.original_forward(hidden.index_select(1, index), *rest, **kwargs))
-        cache.age.index_fill_(0, index, 0)
-        cache.refreshed = index
-        return cache.output
+        ages = self.ages.get(branch)
+        _check_cached_call(ages, runtime, hidden)
+        ages.step = runtime.step
+        index = ages.refresh(refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
+        if self.compact:
+            return run(_gathered(hidden, index))
+        return _update(self.outputs[branch], index, lambda: run(_gathered(hidden, index)))
 
     def _fill(self, branch: str, hidden: torch.Tensor, output) -> None:
         if not isinstance(output, torch.Tensor) or output.shape[:2] != hidden.shape[:2]:
@@ -165,68 +185,108 @@ class TokenRefreshHook(ModelHook):
                 "like its input: it cannot be refreshed per token"
             )
         num_tokens = hidden.shape[1]
-        age = torch.zeros(num_tokens, dtype=torch.long, device=output.device)
-        previous = self.caches.get(branch)
+        previous = self.ages.get(branch)
         if previous is not None and previous.rank.numel() == num_tokens:
             rank = previous.rank
         else:
             rank = tie_rank(num_tokens, self.tie_break).to(output.device)
-        self.caches[branch] = TokenCache(output, age=age, rank=rank, step=self.runtime.step)
+        age = torch.zeros(num_tokens, dtype=torch.long, device=output.device)
+        self.ages[branch] = TokenAges(age, rank, step=self.runtime.step)
+        if not self.compact:
+            self.outputs[branch] = CachedOutput(output)
 
     def reset(self) -> None:
-        self.caches.clear()
+        self.ages.clear()
+        self.outputs.clear()
 
 
-class ElementwiseFollowerHook(ModelHook):
-    """On a module applied elementwise to a refreshed site's output (FLUX's GELU after `proj_mlp`).
+class TokenFollowerHook(ModelHook):
+    """On a token-wise module whose input changes only at the tokens its site just refreshed.
 
-    FULL step: run and keep the output. CACHED step: recompute only the tokens the site just
-    refreshed; the others' values are unchanged because their input is. Exact, as the site is.
+    FULL step: run and keep the output. CACHED step: recompute those tokens only (the others' input,
+    hence output, is unchanged): exact, as the site is. `compact=False`: the input holds every token
+    (FLUX's GELU after `proj_mlp`), the refreshed ones are gathered; `compact=True`: the input holds
+    the refreshed tokens alone (a parallel block's projection).
     """
 
-    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook) -> None:
+    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook, compact: bool = False) -> None:
         super().__init__()
-        self.runtime, self.site = runtime, site
-        self.caches: dict[str, CachedOutput] = {}
+        self.runtime, self.site, self.compact = runtime, site, compact
+        self.outputs: dict[str, CachedOutput] = {}
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden, rest, kwargs = _split_tokens(args, kwargs)
-        runtime, branch = self.runtime, self.runtime.branch
-        if runtime.is_full:
-            output = self.fn_ref.original_forward(hidden, *rest, **kwargs)
-            self.caches[branch] = CachedOutput(output)
+        hidden, run = _split_tokens(self, args, kwargs)
+        if self.runtime.is_full:
+            output = run(hidden)
+            self.outputs[self.runtime.branch] = CachedOutput(output)
             return output
-        cache = _cache_of(self.caches, runtime, hidden)
-        site = self.site.caches[branch]
-        if site.step != runtime.step:
-            raise RuntimeError(f"toca: an elementwise follower ran at step {runtime.step} before its site")
-        index = site.refreshed
-        if index is None:
-            return cache.output
-        if index.numel() == hidden.shape[1]:
-            return cache.replace(self.fn_ref.original_forward(hidden, *rest, **kwargs))
-        cache.write(index, self.fn_ref.original_forward(hidden.index_select(1, index), *rest, **kwargs))
-        return cache.output
+        cache, index = self.outputs[self.runtime.branch], _refreshed_by(self.site, self.runtime)
+        return _update(cache, index, lambda: run(hidden if self.compact else _gathered(hidden, index)))
 
     def reset(self) -> None:
-        self.caches.clear()
+        self.outputs.clear()
 
 
-def _cache_of(caches: dict[str, C], runtime: CacheRuntime, hidden: torch.Tensor) -> C:
-    cache = caches.get(runtime.branch)
-    if cache is None:
+class GatherReuseHook(ModelHook):
+    """On a parallel block's attention: CACHED step returns the FULL output at the refreshed tokens.
+
+    What the compact MLP branch is concatenated with, so the projection sees the refreshed tokens'
+    full input and nothing else.
+    """
+
+    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook, branches: ParallelBranches) -> None:
+        super().__init__()
+        self.runtime, self.site, self.branches = runtime, site, branches
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.runtime.is_full:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.outputs[self.runtime.branch] = self.branches.join(output)
+            return output
+        stored, index = self.outputs[self.runtime.branch], _refreshed_by(self.site, self.runtime)
+        return self.branches.split(_gathered(stored, index))
+
+    def reset(self) -> None:
+        self.outputs.clear()
+
+
+def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The tokens `index` (dim 1); all of them: `tokens` itself, no copy."""
+    return tokens if index.numel() == tokens.shape[1] else tokens.index_select(1, index)
+
+
+def _update(cache: CachedOutput, index: torch.Tensor, fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Write `fresh()`, the recomputed tokens `index`, into `cache`; return the updated output."""
+    if index.numel() == cache.output.shape[1]:
+        return cache.replace(fresh())
+    if index.numel():  # none: the stored object itself (refresh_ratio=0 is FORA's reuse)
+        cache.write(index, fresh())
+    return cache.output
+
+
+def _refreshed_by(site: TokenRefreshHook, runtime: CacheRuntime) -> torch.Tensor:
+    ages = site.ages.get(runtime.branch)
+    if ages is None or ages.step != runtime.step:
+        raise RuntimeError(f"toca: a follower of a token-wise site ran at step {runtime.step} before it")
+    return ages.refreshed
+
+
+def _check_cached_call(ages: TokenAges | None, runtime: CacheRuntime, hidden: torch.Tensor) -> None:
+    if ages is None:
         raise RuntimeError(f"CACHED step {runtime.step} on branch '{runtime.branch}' before any FULL step")
-    if hidden.shape[:2] != cache.output.shape[:2]:
+    if hidden.shape[1] != ages.age.numel():
         raise RuntimeError(f"toca: input {tuple(hidden.shape)} does not match the cached tokens")
-    return cache
 
 
-def _split_tokens(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """The token tensor (first positional or `hidden_states`) and the other call arguments."""
+def _split_tokens(hook: ModelHook, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
+    """The token tensor (first positional or `hidden_states`), and the module's forward on other tokens."""
     if args:
-        return args[0], args[1:], kwargs
-    kwargs = dict(kwargs)
-    return kwargs.pop("hidden_states"), (), kwargs
+        hidden, rest = args[0], args[1:]
+    else:
+        kwargs = dict(kwargs)
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    return hidden, lambda tokens: hook.fn_ref.original_forward(tokens, *rest, **kwargs)
 
 
 def is_attention(module: torch.nn.Module) -> bool:
@@ -261,15 +321,28 @@ class ToCa(CacheMethod):
 
     def install(self, transformer, adapter, runtime) -> None:
         for block in adapter.blocks(transformer):
+            parallel = adapter.parallel_branches(block)
+            if parallel is not None and self.attention == "reuse":
+                self._install_parallel(parallel, runtime)
+                continue
             for module in adapter.attn_mlp_sites(block):
-                if not is_attention(module):
-                    hook = TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break)
-                    self.add_hook(module, hook, "tokens")
-                    follower = adapter.elementwise_after(block, module)
-                    if follower is not None:
-                        self.add_hook(follower, ElementwiseFollowerHook(runtime, hook), "follower")
-                elif self.attention == "reuse":
-                    self.add_hook(module, ReuseOutputHook(runtime), "attention")
+                if is_attention(module):
+                    if self.attention == "reuse":
+                        self.add_hook(module, ReuseOutputHook(runtime), "attention")
+                    continue
+                site = self.add_hook(module, self._site(runtime), "tokens")
+                if parallel is not None and module is parallel.mlp:  # the GELU after it: token-wise
+                    self.add_hook(parallel.activation, TokenFollowerHook(runtime, site), "follower")
+
+    def _site(self, runtime: CacheRuntime, compact: bool = False) -> TokenRefreshHook:
+        return TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break, compact)
+
+    def _install_parallel(self, parallel: ParallelBranches, runtime: CacheRuntime) -> None:
+        """With the attention reused, the projection's input changes only at the refreshed tokens:
+        the MLP, its activation, the concatenation and the projection run on those tokens alone."""
+        site = self.add_hook(parallel.mlp, self._site(runtime, compact=True), "tokens")
+        self.add_hook(parallel.attention, GatherReuseHook(runtime, site, parallel), "attention")
+        self.add_hook(parallel.projection, TokenFollowerHook(runtime, site, compact=True), "projection")
 
     def describe(self) -> dict:
         return {

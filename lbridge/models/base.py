@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,12 +144,8 @@ class ModelAdapter:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
 
-    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
-        """The module the block applies to `site`'s output alone, token by token, if any.
-
-        A token-wise cache (ToCa) then keeps that module's output too and recomputes it only for the
-        tokens it refreshes: the work is not counted in FLOPs, but over every token at every CACHED
-        step it costs real time."""
+    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
+        """The block's attention and MLP branches when it runs them side by side (see ParallelBranches)."""
         return None
 
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -162,9 +160,33 @@ class ModelAdapter:
         raise LbridgeError(f"model '{self.name}' does not define its head: use method.loss=block or normed")
 
 
-def activation_after_proj_mlp(block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
-    """Single-stream blocks (FLUX, HunyuanVideo) run `act_mlp(proj_mlp(x))`: the GELU is elementwise."""
-    return getattr(block, "act_mlp", None) if site is getattr(block, "proj_mlp", None) else None
+def _itself(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class ParallelBranches:
+    """A block that reads its attention and MLP outputs only through one token-wise projection.
+
+    `projection(cat([attention(x), activation(mlp(x))], dim=-1))`, then gate and residual: the
+    parallel layout of FLUX's and HunyuanVideo's single-stream blocks. A token-wise cache (ToCa) that
+    reuses the attention output can then keep the projection's output too and run the MLP, the
+    activation and the projection on the refreshed tokens alone (the concatenation included).
+    """
+
+    attention: torch.nn.Module
+    mlp: torch.nn.Module
+    activation: torch.nn.Module
+    projection: torch.nn.Module
+    #: The attention's output as the one (batch, tokens, dim) tensor the projection reads, in the
+    #: MLP's token order; `split` is its inverse (from a tensor of any number of tokens).
+    join: Callable[[Any], torch.Tensor] = _itself
+    split: Callable[[torch.Tensor], Any] = _itself
+
+
+def single_stream_branches(block: torch.nn.Module, **layout: Any) -> ParallelBranches:
+    """FLUX's and HunyuanVideo's single blocks name their branches alike."""
+    return ParallelBranches(block.attn, block.proj_mlp, block.act_mlp, block.proj_out, **layout)
 
 
 def _import_all_adapters() -> None:

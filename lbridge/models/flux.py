@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
 from lbridge.calibration.trajectories import bind_block_arguments
-from lbridge.models.base import ModelAdapter, activation_after_proj_mlp
+from lbridge.models.base import ModelAdapter, ParallelBranches, single_stream_branches
 from lbridge.models.offline import evaluated, word_tokenizer
 
 
@@ -57,8 +57,8 @@ class FluxAdapter(ModelAdapter):
             return [block.attn, block.proj_mlp]
         return [block.attn, block.ff, block.ff_context]
 
-    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
-        return activation_after_proj_mlp(block, site)
+    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
+        return single_stream_branches(block) if isinstance(block, FluxSingleTransformerBlock) else None
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

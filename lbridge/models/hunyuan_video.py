@@ -15,13 +15,22 @@ from diffusers import (
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoSingleTransformerBlock
 
-from lbridge.models.base import activation_after_proj_mlp
+from lbridge.models.base import ParallelBranches, single_stream_branches
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
 from lbridge.models.video import VideoAdapter
 
 #: Sites FORA reuses in either block type (double: attn, ff, ff_context; single: attn, proj_mlp).
 SITE_NAMES = ("attn", "ff", "ff_context", "proj_mlp")
+
+
+def _tokens_of_pair(output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return torch.cat(output, dim=1)
+
+
+def _pair_of_tokens(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens, tokens[:, :0]
 
 
 class HunyuanVideoAdapter(VideoAdapter):
@@ -50,8 +59,12 @@ class HunyuanVideoAdapter(VideoAdapter):
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
 
-    def elementwise_after(self, block: torch.nn.Module, site: torch.nn.Module) -> torch.nn.Module | None:
-        return activation_after_proj_mlp(block, site)
+    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
+        if not isinstance(block, HunyuanVideoSingleTransformerBlock):
+            return None
+        # The block concatenates the image and text attention outputs along tokens before the
+        # projection (the MLP's token order); all tokens in the first part give that tensor back.
+        return single_stream_branches(block, join=_tokens_of_pair, split=_pair_of_tokens)
 
     def head(
         self, transformer: HunyuanVideoTransformer3DModel, hidden: torch.Tensor, arguments: dict
