@@ -15,6 +15,8 @@ from lbridge.errors import LbridgeError
 from lbridge.io import append_jsonl, write_json
 
 MANIFEST = "run.json"
+#: What the code planned for a sampling run: refused on resume if this version plans otherwise.
+PLAN = "plan.json"
 FAILURES = "failed_jobs.jsonl"  # under output_root: sweep jobs that stopped with an error
 
 
@@ -105,6 +107,23 @@ def open_run(path: Path, key: dict[str, Any]) -> Path:
         raise LbridgeError(f"cannot create output directory {path}: {err.strerror}") from None
     write_json(manifest, {"hash": key_hash(key), "key": key})
     return path
+
+
+def check_plan(run: Path, plan: dict[str, Any]) -> None:
+    """Record a sampling run's plan (schedule, FLOPs of a FULL and a CACHED step), or refuse to resume
+    one recorded under another: the config is the same (open_run checks it) but the code computes
+    something else now (a method changed between versions), and resuming would mix its images."""
+    path = run / PLAN
+    if not path.exists():
+        write_json(path, plan)
+        return
+    stored = json.loads(path.read_text())
+    if stored != plan:
+        changed = ", ".join(f"{k}={stored.get(k)} (now: {v})" for k, v in plan.items() if stored.get(k) != v)
+        raise LbridgeError(
+            f"{run} was sampled under another plan: {changed}; the method computes something else in "
+            "this version of lbridge: delete the directory to sample it again"
+        )
 
 
 def command_line(command: str) -> str:

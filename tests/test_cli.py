@@ -104,6 +104,16 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
     report = lbridge("report", cwd=tmp_path)
     assert report.returncode == 0 and "| fora" in report.stdout
 
+    # A run whose method computed something else (an earlier lbridge: another cached-step cost) is
+    # not resumed into: its images would be mixed with this version's.
+    plan_file = dirs["fora-r3"] / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    plan_file.write_text(json.dumps({**plan, "cached_flops": plan["cached_flops"] + 1}))
+    refused = lbridge("sample", "ratio=3", "num_prompts=4", cwd=tmp_path)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"was sampled under another plan: cached_flops={plan['cached_flops'] + 1} (now: " in refused.stderr
+    assert (dirs["fora-r3"] / "samples.jsonl").read_text() == lines_before
+
 
 def test_a_sweep_goes_on_past_an_unreachable_ratio_and_the_report_lists_it(tmp_path):
     swept = lbridge("sample", "-m", "method=fora", "ratio=50,2", "num_prompts=2", cwd=tmp_path)

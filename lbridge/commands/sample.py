@@ -24,6 +24,7 @@ from lbridge.prompts import Prompt, load_prompts
 from lbridge.runs import (
     calibration_dir,
     calibration_key,
+    check_plan,
     key_hash,
     open_run,
     reference_method,
@@ -145,6 +146,9 @@ def run(cfg: DictConfig) -> Path:
             print(f"{run_dir}: {len(reference)} images at full compute ({len(acc.schedule)} steps)")
         return run_dir
     run_dir = open_run(sample_dir(cfg), sample_key(cfg))
+    check_plan(
+        run_dir, {"schedule": str(acc.schedule), "full_flops": acc.cost.full, "cached_flops": acc.cost.cached}
+    )
     records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
     acc.remove()
     if not distributed.world().main:  # rank 0 reports for the whole launch
