@@ -18,13 +18,14 @@ import lbridge
 from lbridge.errors import LbridgeError
 from lbridge.methods import load_method
 from lbridge.methods.toca import (
+    ChainExitHook,
     GatherReuseHook,
-    TokenFollowerHook,
+    NoTokensHook,
     TokenRefreshHook,
     refresh_count,
     spread_order,
 )
-from lbridge.models.base import ParallelBranches
+from lbridge.models.base import TokenChain
 from lbridge.runtime.context import CacheRuntime, ManualClock
 from lbridge.runtime.hooks import ReuseOutputHook, register
 from lbridge.runtime.schedule import Schedule
@@ -116,87 +117,86 @@ class Doubler(torch.nn.Module):
         return 2 * x
 
 
-def test_an_elementwise_follower_recomputes_only_the_tokens_its_site_refreshed():
-    runtime, site, hook = hooked("Fccc", refresh_ratio=3 / TOKENS)
-    follower = Doubler()
-    register(follower, TokenFollowerHook(runtime, hook), "test.follower")
-    for step in range(4):
-        output = follower(call(runtime, site, step, tokens(step)))
-        assert torch.equal(output, 2 * hook.outputs["cond"].output)  # what the plain module would return
-    assert follower.tokens_seen == [TOKENS, 3, 3, 3]
-
-
-def test_an_elementwise_follower_does_nothing_when_its_site_refreshes_nothing():
-    runtime, site, hook = hooked("Fcc", refresh_ratio=0.0)
-    follower = Doubler()
-    register(follower, TokenFollowerHook(runtime, hook), "test.follower")
-    outputs = [follower(call(runtime, site, step, tokens(step))) for step in range(3)]
-    assert follower.tokens_seen == [TOKENS] and all(o is outputs[0] for o in outputs)
-
-
 class ParallelBlock(torch.nn.Module):
-    """FLUX's single-block layout: `projection(cat([attention(x), activation(mlp(x))], dim=-1))`."""
+    """FLUX's single-block layout: `projection(cat([attention(h), activation(mlp(h))]))`, h = norm(x)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(4)
         self.attention, self.mlp = torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)
         self.activation, self.projection = Doubler(), torch.nn.Linear(12, 4)
-        self.projection.forward = self.counting(self.projection.forward)
         self.projection_tokens: list[int] = []
-
-    def counting(self, forward):
-        def run(x):
-            self.projection_tokens.append(x.shape[1])
-            return forward(x)
-
-        return run
+        self.projection.register_forward_pre_hook(
+            lambda _, args: self.projection_tokens.append(args[0].shape[1])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.activation(self.mlp(x))  # before attention, as in FLUX: the MLP picks the tokens
-        return self.projection(torch.cat([self.attention(x), mlp], dim=-1))
-
-    def branches(self) -> ParallelBranches:
-        return ParallelBranches(self.attention, self.mlp, self.activation, self.projection)
+        h = self.norm(x)
+        mlp = self.activation(self.mlp(h))
+        return self.projection(torch.cat([self.attention(h), mlp], dim=-1))
 
 
-def hooked_parallel(schedule: str, refresh_ratio: float, compact: bool):
-    """A ParallelBlock with ToCa's hooks: compact (the branches on the refreshed tokens alone) or not
-    (MLP and activation refreshed per token, attention reused, the projection over every token)."""
+def hooked_parallel(schedule: str, refresh_ratio: float, chain: bool):
+    """A ParallelBlock with ToCa's hooks: as a token chain (norm to projection on the refreshed tokens
+    alone), or at the sites (the MLP refreshed per token, attention reused, the rest on every token)."""
     runtime, block = CacheRuntime(ManualClock(len(schedule)), Schedule.parse(schedule)), ParallelBlock()
-    site = TokenRefreshHook(runtime, refresh_ratio, "age", "raster", compact=compact)
-    register(block.mlp, site, "test.toca")
-    if compact:
-        register(block.attention, GatherReuseHook(runtime, site, block.branches()), "test.attention")
-        register(block.projection, TokenFollowerHook(runtime, site, compact=True), "test.projection")
+    if chain:
+        layout = TokenChain(block.norm, block.projection, attention=block.attention)
+        entry = register(
+            block.norm, TokenRefreshHook(runtime, refresh_ratio, "age", "raster", True), "test.toca"
+        )
+        register(block.attention, GatherReuseHook(runtime, entry, layout), "test.attention")
+        register(block.projection, ChainExitHook(runtime, entry), "test.exit")
     else:
+        register(block.mlp, TokenRefreshHook(runtime, refresh_ratio, "age", "raster"), "test.toca")
         register(block.attention, ReuseOutputHook(runtime), "test.attention")
-        register(block.activation, TokenFollowerHook(runtime, site), "test.follower")
     return runtime, block
 
 
 @torch.no_grad()
-def test_a_parallel_block_projects_only_the_refreshed_tokens_and_returns_what_projecting_all_would():
-    compact_runtime, compact = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, compact=True)
-    plain_runtime, plain = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, compact=False)
+def test_a_token_chain_runs_on_the_refreshed_tokens_alone_and_returns_what_the_sites_would():
+    chain_runtime, chain = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, chain=True)
+    sites_runtime, sites = hooked_parallel("Fccc", refresh_ratio=3 / TOKENS, chain=False)
     for step in range(4):
         x = torch.randn(2, TOKENS, 4)
         torch.testing.assert_close(
-            call(compact_runtime, compact, step, x), call(plain_runtime, plain, step, x), rtol=1e-6, atol=1e-6
+            call(chain_runtime, chain, step, x), call(sites_runtime, sites, step, x), rtol=1e-6, atol=1e-6
         )
-    assert compact.projection_tokens == [TOKENS, 3, 3, 3] and plain.projection_tokens == [TOKENS] * 4
-    assert compact.activation.tokens_seen == [TOKENS, 3, 3, 3]
+    assert chain.projection_tokens == [TOKENS, 3, 3, 3] and chain.activation.tokens_seen == [TOKENS, 3, 3, 3]
+    assert sites.projection_tokens == [TOKENS] * 4
 
 
 @torch.no_grad()
-def test_a_parallel_block_refreshing_nothing_returns_its_full_steps_output():
-    runtime, block = hooked_parallel("Fcc", refresh_ratio=0.0, compact=True)
+def test_a_token_chain_refreshing_nothing_returns_its_full_steps_output():
+    runtime, block = hooked_parallel("Fcc", refresh_ratio=0.0, chain=True)
     outputs = [call(runtime, block, step, torch.randn(2, TOKENS, 4)) for step in range(3)]
-    assert block.projection_tokens == [TOKENS] and all(o is outputs[0] for o in outputs)
+    assert block.projection_tokens == [TOKENS, 0, 0] and all(o is outputs[0] for o in outputs)
 
 
-def run_bench_toca(config_name: str, parallel: bool, **params):
-    """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hooks)."""
+class Misdescribed(torch.nn.Module):
+    """Its 'exit' reads the block's input, not what its 'entry' returned: not a token chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entry, self.exit = torch.nn.Identity(), torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entry(x)
+        return self.exit(x)
+
+
+def test_a_chain_whose_exit_does_not_get_the_refreshed_tokens_is_an_error():
+    runtime, block = CacheRuntime(ManualClock(2), Schedule.parse("Fc")), Misdescribed()
+    entry = register(block.entry, TokenRefreshHook(runtime, 0.25, "age", "raster", True), "test.toca")
+    register(block.exit, ChainExitHook(runtime, entry), "test.exit")
+    call(runtime, block, 0, tokens(0))
+    with pytest.raises(RuntimeError, match="exit got 8 tokens where its entry refreshed 2"):
+        call(runtime, block, 1, tokens(1))
+
+
+def run_bench_toca(config_name: str, chains: bool, **params):
+    """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hook types, loop)."""
     from lbridge.api import Accelerator
     from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
     from lbridge.models.base import adapter_for
@@ -206,40 +206,37 @@ def run_bench_toca(config_name: str, parallel: bool, **params):
     transformer = build_transformer(config, torch.device("cpu"), torch.float32)
     loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
     adapter = adapter_for(transformer)(name="t")
-    if not parallel:
-        adapter.parallel_branches = lambda block: None
+    if not chains:
+        adapter.token_chains = lambda block: []
     acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25, **params), adapter)
     acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
     acc.attach()
     try:
         with torch.no_grad():
             latents = loop(config.steps)
-        return latents, acc.cost, [hook for _, hook in acc.method._hooks], loop
+        return latents, acc.cost, [type(hook) for _, hook in acc.method._hooks], loop
     finally:
         acc.remove()
 
 
 @pytest.mark.parametrize("config_name", ["flux-tiny", "hunyuan-tiny"])
-def test_single_stream_blocks_project_only_the_refreshed_tokens_and_change_nothing(config_name):
-    latents, cost, hooks, loop = run_bench_toca(config_name, parallel=True)
-    plain, plain_cost, plain_hooks, _ = run_bench_toca(config_name, parallel=False)
-    single_blocks = len(loop.transformer.single_transformer_blocks)
-    assert sum(isinstance(h, TokenFollowerHook) and h.compact for h in hooks) == single_blocks
-    assert not any(isinstance(h, TokenFollowerHook) for h in plain_hooks)
+def test_token_chains_run_norms_mlps_and_projections_on_the_refreshed_tokens_and_change_nothing(config_name):
+    latents, cost, hooks, loop = run_bench_toca(config_name, chains=True)
+    sites, sites_cost, site_hooks, _ = run_bench_toca(config_name, chains=False)
+    double, single = len(loop.transformer.transformer_blocks), len(loop.transformer.single_transformer_blocks)
+    assert hooks.count(ChainExitHook) == 2 * double + single and hooks.count(GatherReuseHook) == single
+    assert hooks.count(NoTokensHook) == 2 * double  # norm1, norm1_context: only the attention reads them
+    assert ChainExitHook not in site_hooks and NoTokensHook not in site_hooks
     assert not torch.equal(latents, loop.latents)
-    torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
-    assert cost.full == plain_cost.full and cost.cached < plain_cost.cached
+    torch.testing.assert_close(latents, sites, rtol=1e-6, atol=1e-6)
+    # The single blocks' projection runs on the refreshed tokens only: fewer FLOPs, same samples.
+    assert cost.full == sites_cost.full and cost.cached < sites_cost.cached
 
 
-def test_with_attention_recomputed_the_flux_single_block_gelu_follows_proj_mlp_and_changes_nothing():
-    latents, _, hooks, loop = run_bench_toca("flux-tiny", parallel=True, attention="recompute")
-    plain, _, plain_hooks, _ = run_bench_toca("flux-tiny", parallel=False, attention="recompute")
-    followers = [h for h in hooks if isinstance(h, TokenFollowerHook)]
-    assert len(followers) == len(loop.transformer.single_transformer_blocks)
-    assert not any(h.compact for h in followers) and not any(
-        isinstance(h, TokenFollowerHook) for h in plain_hooks
-    )
-    torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
+def test_with_attention_recomputed_toca_refreshes_the_mlp_sites_without_chains():
+    _, cost, hooks, _ = run_bench_toca("flux-tiny", chains=True, attention="recompute")
+    _, reused_cost, _, _ = run_bench_toca("flux-tiny", chains=True)
+    assert set(hooks) == {TokenRefreshHook} and cost.cached > reused_cost.cached
 
 
 def test_each_cfg_branch_has_its_own_cache_and_ages():

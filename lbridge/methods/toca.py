@@ -1,9 +1,9 @@
 """ToCa (Zou et al., ICLR 2025): token-wise feature caching.
 
 Granularity is FORA's `site=attn_mlp` (each block's attention and MLP outputs; the blocks still run
-their modulation, gates and residual adds). A FULL step runs every module and fills, per CFG branch,
-each module's output cache and a per-token *cache age* (steps since the token's cached value was
-computed). At a CACHED step:
+their modulation, gates and residual adds), refined by token chains (below). A FULL step runs every
+module and fills, per CFG branch, each module's output cache and a per-token *cache age* (steps
+since the token's cached value was computed). At a CACHED step:
 
 - **Token-wise modules** (the feed-forward / MLP sites): every token ages by one, then the
   `refresh_ratio` fraction of tokens with the highest score is gathered, run through the module,
@@ -29,20 +29,21 @@ Scores (which tokens are refreshed):
   stand-in for the paper's spatial-uniformity score, which needs the 2-D token grid);
   `tie_break=raster` takes the lowest token index first.
 
-Parallel blocks (`ModelAdapter.parallel_branches`: FLUX's and HunyuanVideo's single-stream blocks,
-`projection(cat([attention, activation(mlp)]))`): with the attention reused, the projection's input
-changes only at the refreshed tokens, so the projection keeps its output too. The MLP returns the
-refreshed tokens alone, the attention hook returns its FULL output at those tokens, and the
-activation, the concatenation and the projection run on them before the projection scatters into its
-cache: exact, and what ToCa's own FLUX code does (its single blocks cache the second linear's output).
-With `attention=recompute` the projection runs on every token, and only the activation follows the
-MLP token by token.
+Token chains (`ModelAdapter.token_chains`, FLUX and HunyuanVideo): with the attention reused, a
+block's token-wise stretch from a norm to its MLP (`norm2 -> modulation -> ff`), or in a parallel
+single-stream block from its norm to the output projection (`proj_out(cat([attn, act_mlp(proj_mlp)]))`,
+the attention's FULL output gathered at the refreshed tokens), runs on the refreshed tokens alone:
+the norm picks and gathers them, the exit scatters its output into its cache. The norms only the
+reused attention reads (`ModelAdapter.attention_inputs`: `norm1`) run on no tokens. Exact against
+refreshing the MLP sites alone (tested), and what ToCa's own FLUX code does; it saves the single
+blocks' projection FLOPs and the norms, modulation, concatenation and GELU over every token, which
+FLOPs do not count. With `attention=recompute`, or without chains, the MLP sites are refreshed.
 
 Token-wise and attention modules are told apart by type: diffusers attention modules
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
 tokens along dim 1 (true of every adapter's `attn_mlp_sites`). `refresh_ratio=0` samples what FORA
-`site=attn_mlp` does, bit for bit, at fewer FLOPs where blocks are parallel (the projection is reused
-too); `refresh_ratio=1` recomputes every token-wise module on its full input.
+`site=attn_mlp` does, bit for bit, at fewer FLOPs with chains (the projection is reused too);
+`refresh_ratio=1` recomputes every token-wise module on its full input.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
 if TYPE_CHECKING:
-    from lbridge.models.base import ParallelBranches
+    from lbridge.models.base import TokenChain
 
 SCORES = ("age", "static")
 TIE_BREAKS = ("spread", "raster")
@@ -150,8 +151,8 @@ class TokenAges:
 class TokenRefreshHook(ModelHook):
     """On a token-wise module: FULL step fills the cache, CACHED step recomputes a subset of tokens.
 
-    `compact=True` (the MLP of a parallel block): a CACHED step returns the refreshed tokens' outputs
-    alone and keeps no outputs; the block's projection scatters them (`TokenFollowerHook`).
+    `compact=True` (the entry of a token chain): a CACHED step returns the refreshed tokens' outputs
+    alone and keeps no outputs; the chain's exit scatters them (`ChainExitHook`).
     """
 
     def __init__(
@@ -179,7 +180,8 @@ class TokenRefreshHook(ModelHook):
         return _update(self.outputs[branch], index, lambda: run(_gathered(hidden, index)))
 
     def _fill(self, branch: str, hidden: torch.Tensor, output) -> None:
-        if not isinstance(output, torch.Tensor) or output.shape[:2] != hidden.shape[:2]:
+        tokens = output[0] if self.compact and isinstance(output, tuple) else output  # AdaLN: (x, gates)
+        if not isinstance(tokens, torch.Tensor) or tokens.shape[:2] != hidden.shape[:2]:
             raise LbridgeError(
                 f"toca: a token-wise site returned {type(output).__name__} not shaped (batch, tokens, ...) "
                 "like its input: it cannot be refreshed per token"
@@ -189,8 +191,8 @@ class TokenRefreshHook(ModelHook):
         if previous is not None and previous.rank.numel() == num_tokens:
             rank = previous.rank
         else:
-            rank = tie_rank(num_tokens, self.tie_break).to(output.device)
-        age = torch.zeros(num_tokens, dtype=torch.long, device=output.device)
+            rank = tie_rank(num_tokens, self.tie_break).to(tokens.device)
+        age = torch.zeros(num_tokens, dtype=torch.long, device=tokens.device)
         self.ages[branch] = TokenAges(age, rank, step=self.runtime.step)
         if not self.compact:
             self.outputs[branch] = CachedOutput(output)
@@ -200,18 +202,17 @@ class TokenRefreshHook(ModelHook):
         self.outputs.clear()
 
 
-class TokenFollowerHook(ModelHook):
-    """On a token-wise module whose input changes only at the tokens its site just refreshed.
+class ChainExitHook(ModelHook):
+    """On the exit of a token chain: its input holds the tokens the chain's entry refreshed, alone.
 
-    FULL step: run and keep the output. CACHED step: recompute those tokens only (the others' input,
-    hence output, is unchanged): exact, as the site is. `compact=False`: the input holds every token
-    (FLUX's GELU after `proj_mlp`), the refreshed ones are gathered; `compact=True`: the input holds
-    the refreshed tokens alone (a parallel block's projection).
+    FULL step: run and keep the output. CACHED step: run those tokens and write them into the kept
+    output, which is returned whole. Exact: the other tokens' inputs are unchanged (as the entry's
+    refresh assumes), so are their outputs.
     """
 
-    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook, compact: bool = False) -> None:
+    def __init__(self, runtime: CacheRuntime, entry: TokenRefreshHook) -> None:
         super().__init__()
-        self.runtime, self.site, self.compact = runtime, site, compact
+        self.runtime, self.entry = runtime, entry
         self.outputs: dict[str, CachedOutput] = {}
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -220,8 +221,13 @@ class TokenFollowerHook(ModelHook):
             output = run(hidden)
             self.outputs[self.runtime.branch] = CachedOutput(output)
             return output
-        cache, index = self.outputs[self.runtime.branch], _refreshed_by(self.site, self.runtime)
-        return _update(cache, index, lambda: run(hidden if self.compact else _gathered(hidden, index)))
+        index = _refreshed_by(self.entry, self.runtime)
+        if hidden.shape[1] != index.numel():
+            raise RuntimeError(
+                f"toca: a token chain's exit got {hidden.shape[1]} tokens where its entry refreshed "
+                f"{index.numel()}: the block does not run the chain token by token"
+            )
+        return _update(self.outputs[self.runtime.branch], index, lambda: run(hidden))
 
     def reset(self) -> None:
         self.outputs.clear()
@@ -230,25 +236,39 @@ class TokenFollowerHook(ModelHook):
 class GatherReuseHook(ModelHook):
     """On a parallel block's attention: CACHED step returns the FULL output at the refreshed tokens.
 
-    What the compact MLP branch is concatenated with, so the projection sees the refreshed tokens'
-    full input and nothing else.
+    It joins the token chain (`TokenChain.attention`), so the chain's exit reads the refreshed
+    tokens' whole input and nothing else.
     """
 
-    def __init__(self, runtime: CacheRuntime, site: TokenRefreshHook, branches: ParallelBranches) -> None:
+    def __init__(self, runtime: CacheRuntime, entry: TokenRefreshHook, chain: TokenChain) -> None:
         super().__init__()
-        self.runtime, self.site, self.branches = runtime, site, branches
+        self.runtime, self.entry, self.chain = runtime, entry, chain
         self.outputs: dict[str, torch.Tensor] = {}
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self.outputs[self.runtime.branch] = self.branches.join(output)
+            self.outputs[self.runtime.branch] = self.chain.join(output)
             return output
-        stored, index = self.outputs[self.runtime.branch], _refreshed_by(self.site, self.runtime)
-        return self.branches.split(_gathered(stored, index))
+        stored, index = self.outputs[self.runtime.branch], _refreshed_by(self.entry, self.runtime)
+        return self.chain.split(_gathered(stored, index))
 
     def reset(self) -> None:
         self.outputs.clear()
+
+
+class NoTokensHook(ModelHook):
+    """On a module whose tokens only a reused attention reads: CACHED step runs it on no tokens.
+
+    Its other outputs (AdaLN's gates and shifts, from the timestep alone) come out as they would."""
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        hidden, run = _split_tokens(self, args, kwargs)
+        return run(hidden if self.runtime.is_full else hidden[:, :0])
 
 
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -321,28 +341,35 @@ class ToCa(CacheMethod):
 
     def install(self, transformer, adapter, runtime) -> None:
         for block in adapter.blocks(transformer):
-            parallel = adapter.parallel_branches(block)
-            if parallel is not None and self.attention == "reuse":
-                self._install_parallel(parallel, runtime)
+            chains = adapter.token_chains(block) if self.attention == "reuse" else []
+            if chains:
+                self._install_chains(block, chains, adapter, runtime)
                 continue
             for module in adapter.attn_mlp_sites(block):
-                if is_attention(module):
-                    if self.attention == "reuse":
-                        self.add_hook(module, ReuseOutputHook(runtime), "attention")
-                    continue
-                site = self.add_hook(module, self._site(runtime), "tokens")
-                if parallel is not None and module is parallel.mlp:  # the GELU after it: token-wise
-                    self.add_hook(parallel.activation, TokenFollowerHook(runtime, site), "follower")
+                if not is_attention(module):
+                    self.add_hook(module, self._entry(runtime), "tokens")
+                elif self.attention == "reuse":
+                    self.add_hook(module, ReuseOutputHook(runtime), "attention")
 
-    def _site(self, runtime: CacheRuntime, compact: bool = False) -> TokenRefreshHook:
+    def _entry(self, runtime: CacheRuntime, compact: bool = False) -> TokenRefreshHook:
         return TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break, compact)
 
-    def _install_parallel(self, parallel: ParallelBranches, runtime: CacheRuntime) -> None:
-        """With the attention reused, the projection's input changes only at the refreshed tokens:
-        the MLP, its activation, the concatenation and the projection run on those tokens alone."""
-        site = self.add_hook(parallel.mlp, self._site(runtime, compact=True), "tokens")
-        self.add_hook(parallel.attention, GatherReuseHook(runtime, site, parallel), "attention")
-        self.add_hook(parallel.projection, TokenFollowerHook(runtime, site, compact=True), "projection")
+    def _install_chains(self, block, chains: list[TokenChain], adapter, runtime: CacheRuntime) -> None:
+        """With the attention reused, a block's token-wise stretches (norm to MLP, and in parallel
+        blocks to the output projection) run on the refreshed tokens alone, and the norms that only
+        feed the attention run on none: ToCa's own FLUX code does the same."""
+        joined = []
+        for chain in chains:
+            entry = self.add_hook(chain.entry, self._entry(runtime, compact=True), "tokens")
+            self.add_hook(chain.exit, ChainExitHook(runtime, entry), "exit")
+            if chain.attention is not None:
+                self.add_hook(chain.attention, GatherReuseHook(runtime, entry, chain), "attention")
+                joined.append(chain.attention)
+        for module in adapter.attn_mlp_sites(block):
+            if is_attention(module) and not any(module is a for a in joined):
+                self.add_hook(module, ReuseOutputHook(runtime), "attention")
+        for module in adapter.attention_inputs(block):
+            self.add_hook(module, NoTokensHook(runtime), "attention_input")
 
     def describe(self) -> dict:
         return {

@@ -144,9 +144,14 @@ class ModelAdapter:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
 
-    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
-        """The block's attention and MLP branches when it runs them side by side (see ParallelBranches)."""
-        return None
+    def token_chains(self, block: torch.nn.Module) -> list[TokenChain]:
+        """The stretches of the block that act on each token alone (see TokenChain)."""
+        return []
+
+    def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules whose tokens only the block's attention reads (FLUX's `norm1`: its gates do not
+        depend on the tokens). A method that reuses the attention output can run them on no tokens."""
+        return []
 
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """TeaCache's change indicator: the first block's timestep-modulated input.
@@ -165,28 +170,38 @@ def _itself(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ParallelBranches:
-    """A block that reads its attention and MLP outputs only through one token-wise projection.
+class TokenChain:
+    """A stretch of a block that acts on each token alone, from `entry` to `exit`.
 
-    `projection(cat([attention(x), activation(mlp(x))], dim=-1))`, then gate and residual: the
-    parallel layout of FLUX's and HunyuanVideo's single-stream blocks. A token-wise cache (ToCa) that
-    reuses the attention output can then keep the projection's output too and run the MLP, the
-    activation and the projection on the refreshed tokens alone (the concatenation included).
+    `entry` reads the block's tokens and returns tokens (or a tuple of them first, then values that
+    do not depend on them: AdaLN gates); `exit`'s output goes back into the block's tokens; nothing
+    between mixes tokens (norms, modulation, MLPs). A token-wise cache (ToCa) can then run the whole
+    stretch on the tokens it refreshes, `exit` keeping every token's output. FLUX's double block:
+    `norm2 -> modulation -> ff`.
+
+    `attention`: parallel blocks (FLUX's and HunyuanVideo's single-stream `proj_out(cat([attn(x),
+    act_mlp(proj_mlp(x))]))`, x the output of `norm`) also feed `entry`'s tokens to an attention
+    whose output joins the stretch before `exit`. Once that output is reused, the stretch runs on
+    the refreshed tokens with the attention's output gathered at them.
     """
 
-    attention: torch.nn.Module
-    mlp: torch.nn.Module
-    activation: torch.nn.Module
-    projection: torch.nn.Module
-    #: The attention's output as the one (batch, tokens, dim) tensor the projection reads, in the
-    #: MLP's token order; `split` is its inverse (from a tensor of any number of tokens).
+    entry: torch.nn.Module
+    exit: torch.nn.Module
+    attention: torch.nn.Module | None = None
+    #: The attention's output as the one (batch, tokens, dim) tensor the stretch reads, in `entry`'s
+    #: token order; `split` is its inverse (from a tensor of any number of tokens).
     join: Callable[[Any], torch.Tensor] = _itself
     split: Callable[[torch.Tensor], Any] = _itself
 
 
-def single_stream_branches(block: torch.nn.Module, **layout: Any) -> ParallelBranches:
-    """FLUX's and HunyuanVideo's single blocks name their branches alike."""
-    return ParallelBranches(block.attn, block.proj_mlp, block.act_mlp, block.proj_out, **layout)
+def dual_stream_chains(block: torch.nn.Module) -> list[TokenChain]:
+    """FLUX's and HunyuanVideo's double blocks: `norm2 -> modulation -> ff`, per stream."""
+    return [TokenChain(block.norm2, block.ff), TokenChain(block.norm2_context, block.ff_context)]
+
+
+def single_stream_chain(block: torch.nn.Module, **layout: Any) -> TokenChain:
+    """FLUX's and HunyuanVideo's single blocks: `norm -> proj_mlp -> act_mlp -> cat with attn -> proj_out`."""
+    return TokenChain(block.norm, block.proj_out, attention=block.attn, **layout)
 
 
 def _import_all_adapters() -> None:

@@ -11,10 +11,10 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from lbridge.calibration.trajectories import bind_block_arguments
-from lbridge.models.base import ModelAdapter, ParallelBranches, single_stream_branches
+from lbridge.models.base import ModelAdapter, TokenChain, dual_stream_chains, single_stream_chain
 from lbridge.models.offline import evaluated, word_tokenizer
 
 
@@ -57,8 +57,13 @@ class FluxAdapter(ModelAdapter):
             return [block.attn, block.proj_mlp]
         return [block.attn, block.ff, block.ff_context]
 
-    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
-        return single_stream_branches(block) if isinstance(block, FluxSingleTransformerBlock) else None
+    def token_chains(self, block: torch.nn.Module) -> list[TokenChain]:
+        if isinstance(block, FluxSingleTransformerBlock):
+            return [single_stream_chain(block)]
+        return dual_stream_chains(block) if isinstance(block, FluxTransformerBlock) else []
+
+    def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block.norm1, block.norm1_context] if isinstance(block, FluxTransformerBlock) else []
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

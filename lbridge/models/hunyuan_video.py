@@ -15,9 +15,12 @@ from diffusers import (
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoSingleTransformerBlock
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTransformerBlock,
+)
 
-from lbridge.models.base import ParallelBranches, single_stream_branches
+from lbridge.models.base import TokenChain, dual_stream_chains, single_stream_chain
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
 from lbridge.models.video import VideoAdapter
 
@@ -59,12 +62,15 @@ class HunyuanVideoAdapter(VideoAdapter):
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
 
-    def parallel_branches(self, block: torch.nn.Module) -> ParallelBranches | None:
-        if not isinstance(block, HunyuanVideoSingleTransformerBlock):
-            return None
-        # The block concatenates the image and text attention outputs along tokens before the
-        # projection (the MLP's token order); all tokens in the first part give that tensor back.
-        return single_stream_branches(block, join=_tokens_of_pair, split=_pair_of_tokens)
+    def token_chains(self, block: torch.nn.Module) -> list[TokenChain]:
+        if isinstance(block, HunyuanVideoSingleTransformerBlock):
+            # The block concatenates the image and text attention outputs along tokens before the
+            # projection (the MLP's token order); all tokens in the first part give that tensor back.
+            return [single_stream_chain(block, join=_tokens_of_pair, split=_pair_of_tokens)]
+        return dual_stream_chains(block) if isinstance(block, HunyuanVideoTransformerBlock) else []
+
+    def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block.norm1, block.norm1_context] if isinstance(block, HunyuanVideoTransformerBlock) else []
 
     def head(
         self, transformer: HunyuanVideoTransformer3DModel, hidden: torch.Tensor, arguments: dict
