@@ -16,11 +16,12 @@ import torch
 
 import lbridge
 from lbridge.errors import LbridgeError
-from lbridge.methods import load_method
+from lbridge.methods import load_method, toca
 from lbridge.methods.toca import (
     ChainExitHook,
     GatherReuseHook,
     NoTokensHook,
+    TokenAgeBook,
     TokenRefreshHook,
     refresh_count,
     spread_order,
@@ -103,6 +104,23 @@ def test_the_full_steps_output_is_never_written_to_by_later_refreshes():
     for step in range(1, 4):
         call(runtime, module, step, tokens(step))
     assert made_at(full) == [0] * TOKENS
+
+
+def test_modules_of_one_length_share_their_ages_and_pick_once_per_step(monkeypatch):
+    picks, pick = [], toca.refresh_indices
+    monkeypatch.setattr(toca, "refresh_indices", lambda *args: picks.append(args) or pick(*args))
+    runtime = CacheRuntime(ManualClock(4), Schedule.parse("Fccc"))
+    book = TokenAgeBook("raster")
+    first, second, alone = (torch.nn.Identity() for _ in range(3))
+    hooks = [register(m, TokenRefreshHook(runtime, 3 / TOKENS, "age", "raster", book=b), "test.toca")
+             for m, b in ((first, book), (second, book), (alone, None))]  # fmt: skip
+    for step in range(4):
+        runtime.clock.step = step
+        runtime.enter_call("cond")
+        shared = [made_at(first(tokens(step))), made_at(second(tokens(step)))]
+        assert shared == [made_at(alone(tokens(step)))] * 2  # what a module picking alone picks
+    assert hooks[0].ages["cond"] is hooks[1].ages["cond"]
+    assert len(picks) == 2 * 3  # per CACHED step: one for the shared length, one for the module alone
 
 
 class Doubler(torch.nn.Module):

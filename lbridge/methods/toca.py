@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -127,16 +127,18 @@ class CachedOutput:
 
 @dataclass
 class TokenAges:
-    """A token-wise site's bookkeeping for one CFG branch."""
+    """The per-token bookkeeping of the token-wise modules of one length, for one CFG branch."""
 
     age: torch.Tensor  # (tokens,) int64: CACHED steps since each token's value was computed
     rank: torch.Tensor  # (tokens,) tie-break rank, on the output's device
-    step: int = -1  # the step of the last call
+    step: int = -1  # the step of the last fill or refresh
     refreshed: torch.Tensor | None = None  # tokens recomputed at `step`, in increasing order
 
-    def refresh(self, count: int, score: str) -> torch.Tensor:
-        """Age every token by one step, then pick the `count` to recompute and reset their age."""
-        num_tokens = self.age.numel()
+    def refresh(self, step: int, count: int, score: str) -> torch.Tensor:
+        """At a new step: age every token by one, pick the `count` to recompute, reset their age."""
+        if step == self.step and self.refreshed is not None:  # another module of this length picked them
+            return self.refreshed
+        self.step, num_tokens = step, self.age.numel()
         self.age += 1
         if count == num_tokens:
             self.refreshed = torch.arange(num_tokens, device=self.age.device)
@@ -148,19 +150,57 @@ class TokenAges:
         return self.refreshed
 
 
+@dataclass
+class TokenAgeBook:
+    """Token ages shared by a method's token-wise modules, one record per (CFG branch, length).
+
+    Modules of equal length are filled at the same FULL steps and refreshed at the same CACHED steps
+    with the same count, score and tie-break, so their ages are equal at every step and they pick
+    the same tokens: one record per length picks them once per step (a FLUX call's 16 picks -> 3:
+    the image, text and joint lengths).
+    """
+
+    tie_break: str
+    records: dict[tuple[str, int], TokenAges] = field(default_factory=dict)
+
+    def filled(self, branch: str, num_tokens: int, step: int, device: torch.device) -> TokenAges:
+        """Every age 0 at a FULL step: the record of the first module of this length to run in it."""
+        ages = self.records.get((branch, num_tokens))
+        if ages is not None and ages.step == step and ages.refreshed is None:
+            return ages
+        if ages is not None and ages.rank.device == device:
+            rank = ages.rank
+        else:
+            rank = tie_rank(num_tokens, self.tie_break).to(device)
+        ages = TokenAges(torch.zeros(num_tokens, dtype=torch.long, device=device), rank, step=step)
+        self.records[(branch, num_tokens)] = ages
+        return ages
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
 class TokenRefreshHook(ModelHook):
     """On a token-wise module: FULL step fills the cache, CACHED step recomputes a subset of tokens.
 
     `compact=True` (the entry of a token chain): a CACHED step returns the refreshed tokens' outputs
-    alone and keeps no outputs; the chain's exit scatters them (`ChainExitHook`).
+    alone and keeps no outputs; the chain's exit scatters them (`ChainExitHook`). Hooks given one
+    `book` share their token ages (`TokenAgeBook`).
     """
 
     def __init__(
-        self, runtime: CacheRuntime, refresh_ratio: float, score: str, tie_break: str, compact: bool = False
+        self,
+        runtime: CacheRuntime,
+        refresh_ratio: float,
+        score: str,
+        tie_break: str,
+        compact: bool = False,
+        book: TokenAgeBook | None = None,
     ) -> None:
         super().__init__()
         self.runtime, self.refresh_ratio = runtime, refresh_ratio
-        self.score, self.tie_break, self.compact = score, tie_break, compact
+        self.score, self.compact = score, compact
+        self.book = book if book is not None else TokenAgeBook(tie_break)
         self.ages: dict[str, TokenAges] = {}
         self.outputs: dict[str, CachedOutput] = {}
 
@@ -173,8 +213,7 @@ class TokenRefreshHook(ModelHook):
             return output
         ages = self.ages.get(branch)
         _check_cached_call(ages, runtime, hidden)
-        ages.step = runtime.step
-        index = ages.refresh(refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
+        index = ages.refresh(runtime.step, refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
         if self.compact:
             return run(_gathered(hidden, index))
         return _update(self.outputs[branch], index, lambda: run(_gathered(hidden, index)))
@@ -186,20 +225,14 @@ class TokenRefreshHook(ModelHook):
                 f"toca: a token-wise site returned {type(output).__name__} not shaped (batch, tokens, ...) "
                 "like its input: it cannot be refreshed per token"
             )
-        num_tokens = hidden.shape[1]
-        previous = self.ages.get(branch)
-        if previous is not None and previous.rank.numel() == num_tokens:
-            rank = previous.rank
-        else:
-            rank = tie_rank(num_tokens, self.tie_break).to(tokens.device)
-        age = torch.zeros(num_tokens, dtype=torch.long, device=tokens.device)
-        self.ages[branch] = TokenAges(age, rank, step=self.runtime.step)
+        self.ages[branch] = self.book.filled(branch, hidden.shape[1], self.runtime.step, tokens.device)
         if not self.compact:
             self.outputs[branch] = CachedOutput(output)
 
     def reset(self) -> None:
         self.ages.clear()
         self.outputs.clear()
+        self.book.clear()
 
 
 class ChainExitHook(ModelHook):
@@ -338,6 +371,7 @@ class ToCa(CacheMethod):
                 raise LbridgeError(f"unknown method.{key} '{value}' (accepted: {', '.join(accepted)})")
         self.refresh_ratio = float(refresh_ratio)
         self.score, self.tie_break, self.attention = score, tie_break, attention
+        self.book = TokenAgeBook(tie_break)  # one pick per step for all token-wise modules of a length
 
     def install(self, transformer, adapter, runtime) -> None:
         for block in adapter.blocks(transformer):
@@ -352,7 +386,7 @@ class ToCa(CacheMethod):
                     self.add_hook(module, ReuseOutputHook(runtime), "attention")
 
     def _entry(self, runtime: CacheRuntime, compact: bool = False) -> TokenRefreshHook:
-        return TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break, compact)
+        return TokenRefreshHook(runtime, self.refresh_ratio, self.score, self.tie_break, compact, self.book)
 
     def _install_chains(self, block, chains: list[TokenChain], adapter, runtime: CacheRuntime) -> None:
         """With the attention reused, a block's token-wise stretches (norm to MLP, and in parallel
