@@ -4,13 +4,16 @@
     python scripts/profile_cached_step.py --device cuda --config flux-dev --profile fora
     python scripts/profile_cached_step.py --out results/speed      # also <device>-cached-step.{csv,md}
     python scripts/profile_cached_step.py --compile --out results/speed   # <device>-cached-step-compiled
+    python scripts/profile_cached_step.py --heads 4,8,16 --out results/speed  # width sweep: ...-width
 
 Each transformer call is timed on its own: the median CACHED call of runs of one FULL step then only
 CACHED steps, against the FLOPs share of the median FULL call of all-FULL runs that alternate with
 them. The excess is what the latency/FLOPs efficiency loses per CACHED step. CPU: this process's CPU
 time (steady on shared cores); CUDA: synchronised wall time. `--compile`: both with the regional
 torch.compile of the speed benchmark (each run installs its own compiled regions). `--profile METHOD`
-prints torch.profiler's op table of that method's run.
+prints torch.profiler's op table of that method's run. `--heads`: the config at several widths (heads
+of the same size), one table: the matmuls FLOPs count grow with the square of the width, the work
+they leave out (norms, gates, residual adds, gathers, Python) grows with it or stays.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from lbridge.api import Accelerator
 from lbridge.bench.compile import CompiledRegions
 from lbridge.bench.device import device_name, file_stem
-from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.run import method_params
 from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
@@ -101,25 +104,8 @@ def planned(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerato
     return acc
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--config", default="flux-medium", choices=sorted(CONFIGS))
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    p.add_argument(
-        "--methods", default="fora,taylorseer,foca,toca,l2p,tcc,learnibridge,teacache,fbcache,magcache"
-    )
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="regional torch.compile, as the speed benchmark")
-    p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
-    p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    config = CONFIGS[args.config]
+def profile_config(config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One row per method: its median CACHED call against its FLOPs share of the median FULL call."""
     loop = DenoisingLoop(build_transformer(config, device, dtype), config, device, dtype)
     adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
     steps = config.steps
@@ -132,7 +118,7 @@ def main() -> None:
         full, cached = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
-            f"{name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
+            f"{config.name} {name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
             f"{1000 * predicted:7.2f} ms (FULL call {1000 * full:.2f} ms)"
         )
         rows.append({"method": name, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
@@ -144,6 +130,36 @@ def main() -> None:
                 acc.reset()
                 loop(steps)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", default="flux-medium", choices=sorted(CONFIGS))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument(
+        "--methods", default="fora,taylorseer,foca,toca,l2p,tcc,learnibridge,teacache,fbcache,magcache"
+    )
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="regional torch.compile, as the speed benchmark")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--heads", default=None, help="comma-separated head counts: a width sweep of the config")
+    p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
+    p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    config = CONFIGS[args.config]
+    if args.heads:  # a width sweep: one table, a `dim` column
+        rows = []
+        for heads in map(int, args.heads.split(",")):
+            dim, widened = heads * config.transformer["attention_head_dim"], with_heads(config, heads)
+            rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype)]
+    else:
+        rows = profile_config(config, args, device, dtype)
     if args.out:
         write(pd.DataFrame(rows), args, device, config)
 
@@ -156,11 +172,13 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
         f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
         f"medians over {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps, alternating with "
         f"{args.runs} all-FULL runs (`full_ms`){compiled}.\n\n"
-        f"- command: `{command}`\n- config: {config.name} ({config.note})\n"
+        f"- command: `{command}`\n- config: {config.name} ({config.note})"
+        f"{'; widths: the `dim` column (heads of the same size)' if args.heads else ''}\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n\n"
     )
-    stem = f"{file_stem(device)}-cached-step" + ("-compiled" if args.compile else "")
+    suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
+    stem = f"{file_stem(device)}-cached-step{suffix}"
     files = write_csv_md(table, Path(args.out), stem, caption)
     print("written:", ", ".join(map(str, files)))
 

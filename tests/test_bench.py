@@ -13,7 +13,7 @@ import torch
 from lbridge.api import Accelerator
 from lbridge.bench.compile import CompiledRegions, regions
 from lbridge.bench.memory import cache_bytes
-from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
@@ -184,3 +184,14 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
         "command: `python scripts/profile_cached_step.py --config flux-tiny"
         in (tmp_path / f"{stem}.md").read_text()
     )
+
+
+def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_path, monkeypatch):
+    args = ["--config", "flux-tiny", "--heads", "2,4", "--methods", "fora", "--runs", "1"]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
+    load_script("profile_cached_step").main()
+    table = pd.read_csv(tmp_path / "cpu-cached-step-width.csv")
+    assert table[["dim", "method"]].values.tolist() == [[32, "fora"], [64, "fora"]]  # 16-wide heads
+    widened = with_heads(CONFIGS["flux-tiny"], 4)
+    assert widened.transformer == {**CONFIGS["flux-tiny"].transformer, "num_attention_heads": 4}
+    assert build_transformer(widened, torch.device("cpu"), torch.float32).inner_dim == 64

@@ -10,7 +10,7 @@ needs (a `transformer`, a `scheduler` whose `step_index` is lbridge's clock, a c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -103,6 +103,20 @@ CONFIGS: dict[str, BenchConfig] = {
         ),
     )
 }  # fmt: skip
+
+
+def with_heads(config: BenchConfig, heads: int) -> BenchConfig:
+    """`config` with `heads` attention heads of the same head size: its width scaled, all else kept.
+
+    A width sweep tells work that grows with the square of the width (the matmuls FLOPs count) from
+    work that grows with it (norms, gates, residual adds, gathers: what FLOPs leave out). Wan's
+    `ffn_dim` is a number of its own and stays.
+    """
+    dim = heads * config.transformer["attention_head_dim"]
+    transformer = {**config.transformer, "num_attention_heads": heads}
+    note = f"{config.note}; widened to {heads} heads: dim {dim}"
+    return replace(config, name=f"{config.name}-dim{dim}", transformer=transformer, note=note)
+
 
 TRANSFORMERS: dict[str, type[torch.nn.Module]] = {
     "flux": FluxTransformer2DModel,
