@@ -89,6 +89,16 @@ BENCH_ARGS ?= --threads 1 --repeats 5 --compile-methods none,fora,toca,learnibri
 bench: install
 	$(BIN)/python scripts/bench_speed.py $(BENCH_ARGS)
 
+# The lent GPU machine (docs/gpu.md) has torch but no diffusers or Hydra, and no package registry:
+# their wheels, at this venv's versions, go to .gpu-kit/, which travels with each command there.
+GPU_KIT_PACKAGES := diffusers|hydra-core|omegaconf|antlr4-python3-runtime
+.PHONY: gpu-kit
+gpu-kit: install
+	rm -rf .gpu-kit
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps -w .gpu-kit \
+		$$($(BIN)/pip freeze --disable-pip-version-check | grep -iE '^($(GPU_KIT_PACKAGES))==')
+	ls .gpu-kit
+
 test: install
 	$(BIN)/ruff check lbridge scripts tests
 	$(BIN)/python -m pytest -q -n 2

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One part of the GPU speed measurement (docs/gpu.md), on a machine that has torch and CUDA but no
+# package registry: installs .gpu-kit's wheels (`make gpu-kit`) beside the image's packages, runs the
+# part with --out results/speed (so each file's header names a command that runs from the repo
+# root), and copies what it wrote to $OUT, which the device tool brings back.
+#
+#   scripts/gpu_run.sh check|stack|others|compiled|profile|profile-compiled [more arguments of the part's script]
+#
+# check:    versions, the device's copy bandwidth and bf16 matmul rate, and every code path on flux-tiny
+# stack:    eager FORA, TaylorSeer, FoCa, L2P, TCC at ratios 2-6
+# others:   eager ToCa, TeaCache, FirstBlockCache, MagCache, LearniBridge (+ its LoRA fit time)
+# compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
+# profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager; profile-compiled: compiled
+# Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder).
+set -euo pipefail
+part=${1:?usage: scripts/gpu_run.sh check|stack|others|compiled|profile|profile-compiled [arguments]}
+shift
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+CONFIG=${CONFIG:-flux-dev}
+OUT=${OUT:-$(mktemp -d)}
+
+kit=$(mktemp -d)
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$kit" .gpu-kit/*.whl
+export PYTHONPATH="$kit:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stem=$("$PYTHON" -c "import torch; from lbridge.bench.device import file_stem; print(file_stem(torch.device('$DEVICE')))")
+results=results/speed
+mkdir -p "$results"
+before=$(mktemp)
+touch "$before"
+sleep 1  # files written from here on are newer than $before
+
+bench() { "$PYTHON" scripts/bench_speed.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
+profile() { "$PYTHON" scripts/profile_cached_step.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
+
+case $part in
+  check)
+    "$PYTHON" - "$DEVICE" <<'EOF'
+import sys, time, torch, diffusers, hydra
+device = torch.device(sys.argv[1])
+print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, hydra {hydra.__version__}, device {device}")
+if device.type == "cuda":
+    print(torch.cuda.get_device_name(device), f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB")
+    def seconds(fn, n=10):
+        fn(); torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(n): fn()
+        torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+    x = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    print(f"copy: {2 * x.nbytes / seconds(lambda: y.copy_(x)) / 1e12:.2f} TB/s (read + write)")
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    print(f"bf16 matmul 8192^3: {2 * 8192**3 / seconds(lambda: a @ b) / 1e12:.0f} TFLOP/s")
+EOF
+    bench --config flux-tiny --methods fora,toca,learnibridge --ratios 2 --repeats 1 \
+      --compile-methods toca,learnibridge --calib-prompts 1 --calib-steps 5 --name "$stem-check" "$@"
+    ;;
+  stack)
+    bench --methods fora,taylorseer,foca,l2p,tcc --no-compile --no-calibrate --name "$stem-stack" "$@" ;;
+  others)
+    bench --methods toca,teacache,fbcache,magcache,learnibridge --no-compile --name "$stem-others" "$@" ;;
+  compiled)
+    bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
+  profile)
+    profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@" ;;
+  profile-compiled)
+    profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
+  *)
+    echo "unknown part '$part' (accepted: check, stack, others, compiled, profile, profile-compiled)" >&2
+    exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+find "$results" -maxdepth 1 -type f -newer "$before" -exec cp {} "$OUT/" \;
+echo "written to $OUT:" && ls "$OUT"
