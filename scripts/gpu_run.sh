@@ -11,20 +11,33 @@
 # others:   eager ToCa, TeaCache, FirstBlockCache, MagCache, LearniBridge (+ its LoRA fit time)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager; profile-compiled: compiled
-# Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder).
+# Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
+# RESULTS (results/speed: where the scripts write). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
 part=${1:?usage: scripts/gpu_run.sh check|stack|others|compiled|profile|profile-compiled [arguments]}
 shift
+case $part in
+  check | stack | others | compiled | profile | profile-compiled) ;;
+  *) echo "unknown part '$part' (accepted: check, stack, others, compiled, profile, profile-compiled)" >&2
+     exit 2 ;;
+esac
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-flux-dev}
 OUT=${OUT:-$(mktemp -d)}
 
-kit=$(mktemp -d)
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$kit" .gpu-kit/*.whl
-export PYTHONPATH="$kit:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .gpu-kit ]; then
+  kit=$(mktemp -d)
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$kit" .gpu-kit/*.whl
+  export PYTHONPATH="$kit:$PYTHONPATH"
+fi
+if ! "$PYTHON" -c "import diffusers, hydra" 2>/dev/null; then
+  echo "$PYTHON cannot import diffusers and hydra: run 'make gpu-kit' and carry .gpu-kit (docs/gpu.md)" >&2
+  exit 2
+fi
 stem=$("$PYTHON" -c "import torch; from lbridge.bench.device import file_stem; print(file_stem(torch.device('$DEVICE')))")
-results=results/speed
+results=${RESULTS:-results/speed}
 mkdir -p "$results"
 before=$(mktemp)
 touch "$before"
@@ -64,9 +77,6 @@ EOF
     profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@" ;;
   profile-compiled)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
-  *)
-    echo "unknown part '$part' (accepted: check, stack, others, compiled, profile, profile-compiled)" >&2
-    exit 2 ;;
 esac
 
 mkdir -p "$OUT"

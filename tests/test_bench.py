@@ -4,6 +4,9 @@ Timings are never asserted (they depend on the machine and its load); FLOPs are 
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -195,3 +198,30 @@ def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_p
     widened = with_heads(CONFIGS["flux-tiny"], 4)
     assert widened.transformer == {**CONFIGS["flux-tiny"].transformer, "num_attention_heads": 4}
     assert build_transformer(widened, torch.device("cpu"), torch.float32).inner_dim == 64
+
+
+def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """scripts/gpu_run.sh (docs/gpu.md) on this CPU at flux-tiny size, writing under `tmp_path`."""
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CONFIG": "flux-tiny",
+           "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results")}  # fmt: skip
+    command = ["bash", str(ROOT / "scripts" / "gpu_run.sh"), part, *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "part, args, written",
+    [
+        ("check", ["--compile-backend", "eager"], ["cpu-check.csv", "cpu-check.md"]),
+        ("profile", ["--methods", "fora", "--runs", "1"], ["cpu-cached-step.csv", "cpu-cached-step.md"]),
+    ],
+)
+def test_a_gpu_part_runs_its_script_and_hands_back_what_it_wrote(tmp_path, part, args, written):
+    done = gpu_run(part, *args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
+
+
+def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):
+    done = gpu_run("stacks", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert "unknown part 'stacks' (accepted: check, stack, others, compiled, profile" in done.stderr
