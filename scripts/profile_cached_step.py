@@ -133,6 +133,17 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
     return rows
 
 
+def head_counts(text: str) -> list[int]:
+    """`--heads 4,8,16` -> [4, 8, 16]; anything else is refused in one line."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of positive head counts")
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto")
@@ -145,7 +156,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="regional torch.compile, as the speed benchmark")
     p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--heads", default=None, help="comma-separated head counts: a width sweep of the config")
+    p.add_argument("--heads", default=None, type=head_counts,
+                   help="comma-separated head counts: a width sweep of the config")  # fmt: skip
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     args = p.parse_args()
@@ -155,7 +167,7 @@ def main() -> None:
     config = CONFIGS[args.config]
     if args.heads:  # a width sweep: one table, a `dim` column
         rows = []
-        for heads in map(int, args.heads.split(",")):
+        for heads in args.heads:
             dim, widened = heads * config.transformer["attention_head_dim"], with_heads(config, heads)
             rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype)]
     else:

@@ -225,3 +225,13 @@ def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):
     done = gpu_run("stacks", tmp_path=tmp_path)
     assert done.returncode == 2
     assert "unknown part 'stacks' (accepted: check, stack, others, compiled, profile" in done.stderr
+
+
+@pytest.mark.parametrize("heads", ["4,x", "0", ""])
+def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monkeypatch, capsys, heads):
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--heads", heads])
+    with pytest.raises(SystemExit):
+        load_script("profile_cached_step").main()
+    assert f"argument --heads: '{heads}' is not a comma-separated list of positive head counts" in (
+        capsys.readouterr().err
+    )
