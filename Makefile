@@ -99,6 +99,27 @@ gpu-kit: install
 		$$($(BIN)/pip freeze --disable-pip-version-check | grep -iE '^($(GPU_KIT_PACKAGES))==')
 	ls .gpu-kit
 
+# Every part of scripts/gpu_run.sh, on this CPU at flux-tiny size, under the lent machine's package
+# versions (its torch, transformers, peft... instead of this venv's pins) and .gpu-kit: what breaks
+# there breaks here first, at no device time (~3 min, plus a ~2 GB install the first time). The
+# image's python is 3.12: GPU_IMAGE_PYTHON=/path/to/python3.12 to match it too.
+GPU_IMAGE_PYTHON ?= $(PYTHON)
+GPU_IMAGE_PINS := torch==2.11.0 torchvision==0.26.0 transformers==5.17.0 huggingface_hub==1.33.0 \
+	peft accelerate==1.15.0 safetensors==0.8.0 torchmetrics==1.9.0 numpy pandas scikit-learn \
+	scikit-image matplotlib tqdm pyyaml regex requests filelock pillow tabulate
+GPU_REHEARSAL := .gpu-rehearsal
+.PHONY: gpu-rehearse
+gpu-rehearse: gpu-kit
+	test -x $(GPU_REHEARSAL)/bin/python || $(GPU_IMAGE_PYTHON) -m venv $(GPU_REHEARSAL)
+	$(GPU_REHEARSAL)/bin/pip install --quiet --disable-pip-version-check $(GPU_IMAGE_PINS)
+	set -e; results=$$(mktemp -d); for part in check stack others compiled profile profile-compiled; do \
+		case $$part in profile*) args="--runs 1";; check) args="";; \
+			*) args="--ratios 2 --repeats 1 --calib-prompts 1 --calib-steps 5";; esac; \
+		PYTHON=$(GPU_REHEARSAL)/bin/python DEVICE=cpu CONFIG=flux-tiny RESULTS=$$results OUT=$$results/out \
+			bash scripts/gpu_run.sh $$part $$args > $$results/$$part.log 2>&1 \
+			|| { tail -20 $$results/$$part.log; echo "gpu-rehearse: part '$$part' failed ($$results/$$part.log)"; exit 1; }; \
+		echo "$$part: ok"; done
+
 test: install
 	$(BIN)/ruff check lbridge scripts tests
 	$(BIN)/python -m pytest -q -n 2
