@@ -4,21 +4,22 @@
 # part with --out results/speed (so each file's header names a command that runs from the repo
 # root), and copies what it wrote to $OUT, which the device tool brings back.
 #
-#   scripts/gpu_run.sh check|stack|others|compiled|profile|profile-compiled [more arguments of the part's script]
+#   scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [more arguments of the part's script]
 #
 # check:    versions, the device's copy bandwidth and bf16 matmul rate, and every code path on flux-tiny
 # stack:    eager FORA, TaylorSeer, FoCa, L2P, TCC at ratios 2-6
-# others:   eager ToCa, TeaCache, FirstBlockCache, MagCache, LearniBridge (+ its LoRA fit time)
+# others:   eager ToCa, TeaCache, FirstBlockCache, MagCache
+# bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager; profile-compiled: compiled
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
 # RESULTS (results/speed: where the scripts write). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
-part=${1:?usage: scripts/gpu_run.sh check|stack|others|compiled|profile|profile-compiled [arguments]}
+part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
 case $part in
-  check | stack | others | compiled | profile | profile-compiled) ;;
-  *) echo "unknown part '$part' (accepted: check, stack, others, compiled, profile, profile-compiled)" >&2
+  check | stack | others | bridge | compiled | profile | profile-compiled) ;;
+  *) echo "unknown part '$part' (accepted: check, stack, others, bridge, compiled, profile, profile-compiled)" >&2
      exit 2 ;;
 esac
 PYTHON=${PYTHON:-python3}
@@ -70,7 +71,9 @@ EOF
   stack)
     bench --methods fora,taylorseer,foca,l2p,tcc --no-compile --no-calibrate --name "$stem-stack" "$@" ;;
   others)
-    bench --methods toca,teacache,fbcache,magcache,learnibridge --no-compile --name "$stem-others" "$@" ;;
+    bench --methods toca,teacache,fbcache,magcache --no-compile --name "$stem-others" "$@" ;;
+  bridge)
+    bench --methods learnibridge --no-compile --name "$stem-bridge" "$@" ;;
   compiled)
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)

@@ -221,10 +221,19 @@ def test_a_gpu_part_runs_its_script_and_hands_back_what_it_wrote(tmp_path, part,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
 
 
+def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):
+    args = ["--ratios", "2", "--repeats", "1", "--calib-prompts", "1", "--calib-steps", "2"]
+    done = gpu_run("bridge", *args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "out" / "cpu-bridge.csv", comment="#")
+    assert table["method"].tolist() == ["none", "learnibridge"]
+    assert table.loc[1, "calibrate_s"] > 0
+
+
 def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):
     done = gpu_run("stacks", tmp_path=tmp_path)
     assert done.returncode == 2
-    assert "unknown part 'stacks' (accepted: check, stack, others, compiled, profile" in done.stderr
+    assert "unknown part 'stacks' (accepted: check, stack, others, bridge, compiled, profile" in done.stderr
 
 
 @pytest.mark.parametrize("heads", ["4,x", "0", ""])
