@@ -55,6 +55,15 @@ def planned(name: str, loop: DenoisingLoop | None = None):
     return acc, loop
 
 
+def test_the_loop_never_searches_the_schedule_for_its_step(monkeypatch):
+    # index_for_timestep is a nonzero() over the timesteps: on CUDA a host sync in every run.
+    _, loop = planned("none")
+    searched = []
+    monkeypatch.setattr(loop.scheduler, "index_for_timestep", lambda *a, **k: searched.append(a) or 0)
+    loop(CONFIGS["flux-tiny"].steps)
+    assert searched == []
+
+
 def test_files_say_how_they_were_made(table):
     csv = (table / "cpu.csv").read_text()
     for key in ("# command: python scripts/bench_speed.py", "# device:", "# torch", "load average"):

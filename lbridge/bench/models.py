@@ -216,6 +216,9 @@ class DenoisingLoop:
     def __call__(self, num_inference_steps: int, **_: Any) -> torch.Tensor:
         scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=self.latents.device)
+        # As diffusers' pipelines do: without it the first `step()` finds its index by a `nonzero()`
+        # over the timesteps on the device, a host sync the `host_syncs` column would count.
+        scheduler.set_begin_index(0)
         latents = self.latents.clone()
         for t in scheduler.timesteps:
             timestep = (t * self.timestep_scale).expand(latents.shape[0]).to(latents.dtype)
