@@ -34,6 +34,7 @@ from lbridge.api import Accelerator
 from lbridge.bench.compile import CompiledRegions
 from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
+from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import method_params
 from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
@@ -43,11 +44,16 @@ from lbridge.runtime.schedule import Schedule
 
 
 class CallTimer:
-    """Seconds of every transformer call (CPU time on CPU, synchronised wall time on CUDA), in order."""
+    """Seconds of every transformer call (CPU time on CPU, synchronised wall time on CUDA), in order.
+
+    On CUDA also the host's seconds up to the call's return, before the closing sync (`host`): when
+    they come near the call's, the host is what bounds it (too many small launches), not the GPU.
+    """
 
     def __init__(self, transformer: torch.nn.Module, cuda: bool) -> None:
         self.cuda, self.clock = cuda, time.perf_counter if cuda else time.process_time
         self.seconds: list[float] = []
+        self.host: list[float] = []
         self.handles = [transformer.register_forward_pre_hook(self.start),
                         transformer.register_forward_hook(self.stop)]  # fmt: skip
 
@@ -58,6 +64,7 @@ class CallTimer:
 
     def stop(self, *_) -> None:
         if self.cuda:
+            self.host.append(self.clock() - self.started)
             torch.cuda.synchronize()
         self.seconds.append(self.clock() - self.started)
 
@@ -66,35 +73,48 @@ class CallTimer:
             handle.remove()
 
 
-def call_seconds(loop: DenoisingLoop, contender: CompiledRegions) -> list[float]:
+def run_once(loop: DenoisingLoop, contender: CompiledRegions) -> None:
+    with contender.installed() as acc:
+        acc.reset()
+        loop(loop.config.steps)
+
+
+def call_seconds(loop: DenoisingLoop, contender: CompiledRegions) -> CallTimer:
     """One run of the loop with `contender` installed: the seconds of each transformer call."""
     timer = CallTimer(loop.transformer, loop.latents.device.type == "cuda")
     try:
-        with contender.installed() as acc:
-            acc.reset()
-            loop(loop.config.steps)
+        run_once(loop, contender)
     finally:
         timer.remove()
-    return timer.seconds
+    return timer
 
 
 def paired_medians(
     loop: DenoisingLoop, reference: CompiledRegions, method: CompiledRegions, runs: int
-) -> tuple[float, float]:
-    """Median FULL call (reference runs) and median CACHED call (`method` runs), runs alternating.
+) -> tuple[float, float, float | None]:
+    """Median FULL call (reference runs) and median CACHED call (`method` runs), runs alternating,
+    and the CACHED call's median host seconds (CUDA; None on CPU, where the two are one).
 
     Calls are timed one by one and the two runs interleave, so a machine that slows down during the
     measurement slows both alike (timing whole runs and subtracting FULL time let drift land on the
     CACHED estimate). The first pair is a warm-up (and, compiled, where the graphs are built).
     """
-    full, cached = [], []
+    full, cached, host = [], [], []
     first_cached = len(loop.branches)  # step 0 is FULL: one call per CFG branch
     for run in range(runs + 1):
         reference_calls, method_calls = call_seconds(loop, reference), call_seconds(loop, method)
         if run:
-            full += reference_calls
-            cached += method_calls[first_cached:]
-    return statistics.median(full), statistics.median(cached)
+            full += reference_calls.seconds
+            cached += method_calls.seconds[first_cached:]
+            host += method_calls.host[first_cached:]
+    return statistics.median(full), statistics.median(cached), statistics.median(host) if host else None
+
+
+def dispatched_ops(loop: DenoisingLoop, contender: CompiledRegions) -> dict[str, int]:
+    """ATen operations of the first (FULL) call and the median CACHED call, in one untimed eager run."""
+    counts = ops_per_call(loop.transformer, lambda: run_once(loop, contender))
+    first_cached = len(loop.branches)
+    return {"full_ops": counts[0], "cached_ops": int(statistics.median(counts[first_cached:]))}
 
 
 def planned(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
@@ -115,7 +135,7 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
     for name in args.methods.split(","):
         acc = planned(loop, adapter, name, "F" + "c" * (steps - 1))
         method = CompiledRegions(acc, args.compile, **options)
-        full, cached = paired_medians(loop, reference, method, args.runs)
+        full, cached, host = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
             f"{config.name} {name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
@@ -123,7 +143,8 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
         )
         rows.append({"method": name, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
                      "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted,
-                     "full_ms": 1000 * full})  # fmt: skip
+                     "full_ms": 1000 * full, "cached_host_ms": None if host is None else 1000 * host,
+                     **({} if args.compile else dispatched_ops(loop, method))})  # fmt: skip
         if name == args.profile:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with method.installed(), profile(activities=activities) as prof:
@@ -160,6 +181,9 @@ def main() -> None:
                    help="comma-separated head counts: a width sweep of the config")  # fmt: skip
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
+    p.add_argument(
+        "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -187,10 +211,13 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
         f"- command: `{command}`\n- config: {config.name} ({config.note})"
         f"{'; widths: the `dim` column (heads of the same size)' if args.heads else ''}\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
-        f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n\n"
+        f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n"
+        "- `full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
+        "included: each costs host time whatever its size. `cached_host_ms` (CUDA only): the host's time "
+        "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU\n\n"
     )
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
-    stem = f"{file_stem(device)}-cached-step{suffix}"
+    stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
     files = write_csv_md(table, Path(args.out), stem, caption)
     print("written:", ", ".join(map(str, files)))
 

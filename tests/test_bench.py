@@ -17,6 +17,7 @@ from lbridge.api import Accelerator
 from lbridge.bench.compile import CompiledRegions, regions
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
+from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
@@ -62,6 +63,23 @@ def test_the_loop_never_searches_the_schedule_for_its_step(monkeypatch):
     monkeypatch.setattr(loop.scheduler, "index_for_timestep", lambda *a, **k: searched.append(a) or 0)
     loop(CONFIGS["flux-tiny"].steps)
     assert searched == []
+
+
+def test_ops_are_counted_per_call_of_the_module_and_not_outside_it():
+    class Stack(torch.nn.Module):
+        def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+            for _ in range(depth):
+                x = x * 2 + 1  # two ops a layer
+            return x
+
+    stack, x = Stack(), torch.ones(3)
+
+    def run() -> None:
+        stack(x, 4)
+        x.sin()  # between calls: not any call's
+        stack(x, 1)
+
+    assert ops_per_call(stack, run) == [8, 2]
 
 
 def test_files_say_how_they_were_made(table):
@@ -192,6 +210,12 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     assert table["method"].tolist() == ["fora", "learnibridge"]
     recomputed = table["cached_ms"] / table["flops_share_ms"]  # from 4-decimal csv values
     assert ((table["ratio"] - recomputed).abs() / recomputed).max() < 1e-2
+    assert table["cached_host_ms"].isna().all()  # CUDA only: on CPU the host's time is the call's
+    if compiled:  # a compiled region's ATen operations are not what it launches: not counted
+        assert "cached_ops" not in table
+    else:  # FORA's CACHED call runs the embeddings and the head; LearniBridge's its bridge as well
+        fora, bridge = table.set_index("method").loc[["fora", "learnibridge"], "cached_ops"]
+        assert fora < bridge < table["full_ops"].min()
     assert (
         "command: `python scripts/profile_cached_step.py --config flux-tiny"
         in (tmp_path / f"{stem}.md").read_text()

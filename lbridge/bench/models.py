@@ -48,6 +48,9 @@ FLUX_DEV = dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )  # fmt: skip
+FLUX_TINY = {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+             "in_channels": 4, "axes_dims_rope": (4, 6, 6)}  # fmt: skip
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c
@@ -65,11 +68,14 @@ CONFIGS: dict[str, BenchConfig] = {
             "tokens",
         ),
         BenchConfig(
-            "flux-tiny", "flux",
-            {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
-             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
-             "in_channels": 4, "axes_dims_rope": (4, 6, 6)},
-            latent=(16, 4), text_tokens=8, steps=8, note="tests only: the code path in a second",
+            "flux-tiny", "flux", FLUX_TINY, latent=(16, 4), text_tokens=8, steps=8,
+            note="tests only: the code path in a second",
+        ),
+        BenchConfig(
+            "flux-dev-depth", "flux", {**FLUX_TINY, "num_layers": 19, "num_single_layers": 38},
+            latent=(16, 4), text_tokens=8, steps=20,
+            note="FLUX.1-dev's 19 double + 38 single blocks at flux-tiny width: the host's cost of a call "
+            "at that depth (Python, dispatch), its compute negligible",
         ),
         BenchConfig(
             "wan21-1.3b", "wan",
