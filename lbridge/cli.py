@@ -154,11 +154,13 @@ CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
 
 
 def overrides_of(args: list[str]) -> list[str]:
-    overrides, skip_next = [], False
+    overrides, skip_next, flags_end = [], False, False
     for arg in args:
         if skip_next:
             skip_next = False
-        elif arg.startswith("-"):
+        elif arg == "--" and not flags_end:
+            flags_end = True  # argparse's convention, which Hydra follows: all that follows is an override
+        elif arg.startswith("-") and not flags_end:
             skip_next = arg in VALUE_FLAGS
         else:
             overrides.append(arg)

@@ -72,6 +72,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 @example("sample", ["=0"])
 @example("sample", ["++prompts.path=x"])
 @example("sample", ["++prompts.offset="])
+@example("sample", ["--", "-qP_I^8"])
 def test_fuzzed_overrides_never_show_a_traceback(command, overrides):
     code, output, stderr = run_cli([command, *overrides])
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output, output
