@@ -28,6 +28,7 @@ from lbridge.models.base import ModelAdapter, adapter_for
 from lbridge.runtime.context import CacheRuntime, ManualClock, SchedulerClock
 from lbridge.runtime.cost import StepCost, count_flops
 from lbridge.runtime.hooks import CONTEXT_HOOK, StepContextHook, register, remove_all
+from lbridge.runtime.modulation import StepBatchedModulation, check_modulation
 from lbridge.runtime.schedule import Schedule, solve
 
 
@@ -67,10 +68,23 @@ def capture_transformer_call(
 
 
 class Accelerator:
-    """A method attached to one pipeline's transformer with a solved schedule."""
+    """A method attached to one pipeline's transformer with a solved schedule.
 
-    def __init__(self, pipe: DiffusionPipeline, method: CacheMethod, adapter: ModelAdapter) -> None:
+    `modulation="batched"` also computes every block's AdaLN modulation once per sample for all its
+    steps (lbridge/runtime/modulation.py; FLUX), whatever the method: the weights those one-row
+    matmuls stream are read once per sample instead of once per step.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        method: CacheMethod,
+        adapter: ModelAdapter,
+        modulation: str = "per_step",
+    ) -> None:
         self.pipe, self.method, self.adapter = pipe, method, adapter
+        self.modulation = check_modulation(modulation)
+        self.batched_modulation: StepBatchedModulation | None = None
         self.transformer = adapter.transformer(pipe)
         self.runtime: CacheRuntime | None = None
         self.cost: StepCost | None = None
@@ -152,6 +166,9 @@ class Accelerator:
             raise LbridgeError("plan() the schedule before attaching")
         if not self.attached:
             self.method.attach(self.transformer, self.adapter, self.runtime)
+            if self.modulation == "batched":
+                self.batched_modulation = StepBatchedModulation(self.runtime)
+                self.batched_modulation.attach(self.transformer, self.adapter)
             # Registered last, so it is the outermost hook: the context is set before anything runs.
             register(self.transformer, StepContextHook(self.runtime), CONTEXT_HOOK)
             self.attached = True
@@ -160,12 +177,17 @@ class Accelerator:
     def remove(self) -> None:
         if self.attached:
             self.method.detach(self.transformer)
+            if self.batched_modulation is not None:
+                self.batched_modulation.detach(self.transformer)
+                self.batched_modulation = None
             remove_all(self.transformer, [CONTEXT_HOOK])
             self.attached = False
 
     def reset(self) -> None:
         """Call between samples: drops cached features and the per-sample call counters."""
         self.method.reset()
+        if self.batched_modulation is not None:
+            self.batched_modulation.reset()
         self.runtime.reset_counts()
 
     # -- reporting ---------------------------------------------------------------------------
@@ -202,12 +224,14 @@ def accelerate(
     spacing: str = "even",
     interval: int | None = None,
     method_params: dict[str, Any] | None = None,
+    modulation: str = "per_step",
     **call: Any,
 ) -> Accelerator:
     """Attach `method` to `pipe` with the schedule whose FLOPs ratio is >= `ratio`.
 
     `call` is a representative pipeline call (prompt, num_inference_steps, height, width...): its
-    shapes are the ones FLOPs are counted on. Returns the attached `Accelerator`.
+    shapes are the ones FLOPs are counted on. `modulation="batched"`: see `Accelerator`. Returns the
+    attached `Accelerator`.
     """
     if isinstance(method, str):
         method = load_method(method, **(method_params or {}))
@@ -215,6 +239,6 @@ def accelerate(
         adapter = adapter_for(pipe.transformer)(name=type(pipe).__name__)
     if "prompt" in inspect.signature(pipe.__call__).parameters:  # not DiT: it takes class_labels
         call.setdefault("prompt", "a photo")
-    accelerator = Accelerator(pipe, method, adapter)
+    accelerator = Accelerator(pipe, method, adapter, modulation)
     accelerator.plan(ratio, call, warmup=warmup, spacing=spacing, interval=interval)
     return accelerator.attach()

@@ -27,6 +27,7 @@ from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, BenchConfig, build_transformer
 from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
+from lbridge.runtime.modulation import MODULATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,11 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "on CPU, whose speed drifts; off on CUDA, where it doubles the device time)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on shared cores)")  # fmt: skip
+    p.add_argument("--modulation", default="per_step", choices=MODULATIONS,
+                   help="batched: every AdaLN modulation once per run for all steps, in every row "
+                   "(eager only; file stem gets -batched-modulation)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
     p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
+    if args.modulation != "per_step" and args.compile:
+        p.error(f"--modulation {args.modulation} is eager only: add --no-compile")
     return args
 
 
@@ -71,9 +77,11 @@ def header(args: argparse.Namespace, config: BenchConfig, device: torch.device, 
     when = "in every row, runs alternating with the method's" if paired else "once per pass"
     timing = f"fastest of {args.repeats} runs (latency_s, reference_s); full compute timed {when}"
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/bench_speed.py", *sys.argv[1:]])
+    batched = args.modulation == "batched"
     return [
         f"command: {command}",
-        f"config: {config.name} ({config.note}), {config.steps} steps, {dtype}, batch 1",
+        f"config: {config.name} ({config.note}), {config.steps} steps, {dtype}, batch 1"
+        + ("; `modulation=batched` in every row (AdaLN modulations once per run)" if batched else ""),
         f"device: {device_name(device)}",
         f"timing: {timing}",
         f"torch {torch.__version__}; load average (1 min) {min(loads):.2f}-{max(loads):.2f} during the run",
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    stem, out = args.name or file_stem(device), Path(args.out)
+    suffix = "-batched-modulation" if args.modulation == "batched" else ""
+    stem, out = args.name or file_stem(device) + suffix, Path(args.out)
 
     def on_row(row: dict[str, Any]) -> None:
         loads.append(os.getloadavg()[0])
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     modes = (False, True) if args.compile else (False,)
     paired = not cuda if args.paired is None else args.paired
     options = BenchOptions(ratios=ratios, repeats=args.repeats, warmup_runs=args.warmup_runs,
-                           compile_modes=modes, on_row=on_row, paired=paired,
+                           compile_modes=modes, on_row=on_row, paired=paired, modulation=args.modulation,
                            compile_options={"backend": args.compile_backend})  # fmt: skip
     bench = SpeedBench(config, transformer, adapter, device, dtype, options)
     compiled = [m for m in (args.compile_methods or args.methods).split(",") if m]

@@ -11,7 +11,8 @@
 # others:   eager ToCa, TeaCache, FirstBlockCache, MagCache
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
-# profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager; profile-compiled: compiled
+# profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager, then FORA and ToCa
+#           with modulation=batched; profile-compiled: compiled
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
 # RESULTS (results/speed: where the scripts write). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
@@ -77,7 +78,8 @@ EOF
   compiled)
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)
-    profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@" ;;
+    profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@"
+    profile --methods fora,toca --runs 3 --modulation batched "$@" ;;
   profile-compiled)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
 esac

@@ -40,6 +40,7 @@ from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
 from lbridge.report.tables import write_csv_md
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
+from lbridge.runtime.modulation import MODULATIONS
 from lbridge.runtime.schedule import Schedule
 
 
@@ -117,8 +118,9 @@ def dispatched_ops(loop: DenoisingLoop, contender: CompiledRegions) -> dict[str,
     return {"full_ops": counts[0], "cached_ops": int(statistics.median(counts[first_cached:]))}
 
 
-def planned(loop: DenoisingLoop, adapter, name: str, pattern: str) -> Accelerator:
-    acc = Accelerator(loop, load_method(name, **method_params(name, loop.config.steps)), adapter)
+def planned(loop: DenoisingLoop, adapter, name: str, pattern: str, modulation: str) -> Accelerator:
+    method = load_method(name, **method_params(name, loop.config.steps))
+    acc = Accelerator(loop, method, adapter, modulation)
     acc.plan(1.0, {"num_inference_steps": loop.config.steps})
     acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
     return acc
@@ -130,10 +132,11 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
     adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
     steps = config.steps
     options = {"backend": args.compile_backend}
-    reference = CompiledRegions(planned(loop, adapter, "none", "F" * steps), args.compile, **options)
+    reference = planned(loop, adapter, "none", "F" * steps, args.modulation)
+    reference = CompiledRegions(reference, args.compile, **options)
     rows = []
     for name in args.methods.split(","):
-        acc = planned(loop, adapter, name, "F" + "c" * (steps - 1))
+        acc = planned(loop, adapter, name, "F" + "c" * (steps - 1), args.modulation)
         method = CompiledRegions(acc, args.compile, **options)
         full, cached, host = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
@@ -179,6 +182,8 @@ def main() -> None:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--heads", default=None, type=head_counts,
                    help="comma-separated head counts: a width sweep of the config")  # fmt: skip
+    p.add_argument("--modulation", default="per_step", choices=MODULATIONS,
+                   help="batched: AdaLN modulations once per run for all steps (both sides)")  # fmt: skip
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     p.add_argument(
@@ -204,10 +209,12 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/profile_cached_step.py", *sys.argv[1:]])
     clock = "synchronised wall time" if device.type == "cuda" else "this process's CPU time"
     compiled = f"; both with regional torch.compile ({args.compile_backend})" if args.compile else ""
+    batched = "; both with `modulation=batched` (AdaLN modulations once per run)"
+    batched = batched if args.modulation == "batched" else ""
     caption = (
         f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
         f"medians over {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps, alternating with "
-        f"{args.runs} all-FULL runs (`full_ms`){compiled}.\n\n"
+        f"{args.runs} all-FULL runs (`full_ms`){compiled}{batched}.\n\n"
         f"- command: `{command}`\n- config: {config.name} ({config.note})"
         f"{'; widths: the `dim` column (heads of the same size)' if args.heads else ''}\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
@@ -217,6 +224,7 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
         "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU\n\n"
     )
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
+    suffix += "-batched-modulation" if args.modulation == "batched" else ""
     stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
     files = write_csv_md(table, Path(args.out), stem, caption)
     print("written:", ", ".join(map(str, files)))

@@ -19,6 +19,7 @@ from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
+from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
@@ -245,13 +246,17 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
     "part, args, written",
     [
         ("check", ["--compile-backend", "eager"], ["cpu-check.csv", "cpu-check.md"]),
-        ("profile", ["--methods", "fora", "--runs", "1"], ["cpu-cached-step.csv", "cpu-cached-step.md"]),
+        (
+            "profile",
+            ["--methods", "fora", "--runs", "1"],
+            [f"cpu-cached-step{kind}.{ext}" for kind in ("", "-batched-modulation") for ext in ("csv", "md")],
+        ),
     ],
 )
 def test_a_gpu_part_runs_its_script_and_hands_back_what_it_wrote(tmp_path, part, args, written):
     done = gpu_run(part, *args, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
 
 
 def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):
@@ -277,3 +282,22 @@ def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monk
     assert f"argument --heads: '{heads}' is not a comma-separated list of positive head counts" in (
         capsys.readouterr().err
     )
+
+
+def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tmp_path, monkeypatch):
+    args = ["--config", "flux-tiny", "--methods", "toca", "--runs", "1", "--modulation", "batched"]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
+    load_script("profile_cached_step").main()
+    assert pd.read_csv(tmp_path / "cpu-cached-step-batched-modulation.csv")["method"].tolist() == ["toca"]
+    caption = (tmp_path / "cpu-cached-step-batched-modulation.md").read_text()
+    assert "both with `modulation=batched`" in caption
+
+
+def test_batched_modulation_is_timed_eager_only(capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--modulation", "batched"])
+    assert "--modulation batched is eager only: add --no-compile" in capsys.readouterr().err
+    acc, _ = planned("none")
+    acc.modulation = "batched"
+    with pytest.raises(LbridgeError, match="modulation=batched is eager only"):
+        CompiledRegions(acc, enabled=True, backend="eager")

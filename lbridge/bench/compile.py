@@ -20,6 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from lbridge.api import Accelerator
+from lbridge.errors import LbridgeError
 from lbridge.runtime.hooks import PREFIX
 
 
@@ -89,6 +90,10 @@ class CompiledRegions:
     """
 
     def __init__(self, acc: Accelerator, enabled: bool, **options: Any) -> None:
+        if enabled and acc.modulation != "per_step":
+            # Its hooks sit on the modulations inside the blocks: a compiled block would trace them
+            # and guard on the step (a recompile per step).
+            raise LbridgeError(f"modulation={acc.modulation} is eager only: time it without compiling")
         self.acc = acc
         self.stats = CompileStats(enabled, start=dynamo_counts())
         modules = regions(acc) if enabled else []

@@ -189,8 +189,9 @@ INPUT_BUILDERS: dict[str, Callable[[BenchConfig, torch.Generator], Inputs]] = {
     "wan": _wan_inputs,
     "hunyuan_video": _hunyuan_inputs,
 }
-#: What the family's pipeline multiplies the scheduler timestep by before the transformer call.
-TIMESTEP_SCALE = {"flux": 1e-3, "wan": 1.0, "hunyuan_video": 1.0}
+#: What the family's pipeline divides the scheduler timestep by (in the latents' dtype) before the
+#: transformer call: FluxPipeline's `t.to(dtype) / 1000`, exactly, as `modulation=batched` checks.
+TIMESTEP_DIVISOR = {"flux": 1000, "wan": 1, "hunyuan_video": 1}
 
 
 def _placed(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -216,7 +217,7 @@ class DenoisingLoop:
             name: {k: _placed(v, device, dtype) for k, v in kwargs.items()}
             for name, kwargs in branches.items()
         }
-        self.timestep_scale = TIMESTEP_SCALE[config.family]
+        self.timestep_divisor = TIMESTEP_DIVISOR[config.family]
 
     @torch.no_grad()
     def __call__(self, num_inference_steps: int, **_: Any) -> torch.Tensor:
@@ -227,7 +228,9 @@ class DenoisingLoop:
         scheduler.set_begin_index(0)
         latents = self.latents.clone()
         for t in scheduler.timesteps:
-            timestep = (t * self.timestep_scale).expand(latents.shape[0]).to(latents.dtype)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            if self.timestep_divisor != 1:
+                timestep = timestep / self.timestep_divisor
             outputs = {}
             for name, kwargs in self.branches.items():
                 with self.transformer.cache_context(name):

@@ -191,6 +191,8 @@ class BenchOptions:
     on_row: Callable[[dict[str, Any]], None] | None = None
     #: torch.compile keyword arguments (tests use backend="eager": dynamo's tracing without inductor).
     compile_options: dict[str, Any] = field(default_factory=dict)
+    #: `Accelerator(modulation=...)` of every row, full compute's included (eager only).
+    modulation: str = "per_step"
 
 
 class SpeedBench:
@@ -226,7 +228,7 @@ class SpeedBench:
 
     def bench_method(self, name: str, compiled: bool) -> None:
         method = load_method(name, **method_params(name, self.steps))
-        acc = Accelerator(self.loop, method, self.adapter)
+        acc = Accelerator(self.loop, method, self.adapter, self.options.modulation)
         # Ratio 1: only the costs of a FULL and a CACHED call; each ratio's schedule is solved below.
         acc.plan(1.0, {"num_inference_steps": self.steps}, warmup=self.options.schedule_warmup)
         contender = CompiledRegions(acc, compiled, **self.options.compile_options)

@@ -160,6 +160,17 @@ class ModelAdapter:
         adapters whose blocks expose their AdaLN override it with the modulated one."""
         return block_hidden_input(block, args, kwargs)
 
+    def step_embedding(self, transformer: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that turns a call's timestep (its first argument) and per-sample inputs into
+        the step embedding the blocks' AdaLN modulation reads; None: `modulation=batched` unavailable."""
+        return None
+
+    def embedding_timesteps(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The timestep `step_embedding` receives at each of the scheduler's `timesteps`, computed as
+        the pipeline and the transformer compute it (same dtype casts: `modulation=batched` checks
+        every call against it exactly)."""
+        raise LbridgeError(f"model '{self.name}' does not map scheduler timesteps to its step embedding's")
+
     def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
         """The transformer's output from the final block's hidden output (`arguments`: that block's call)."""
         raise LbridgeError(f"model '{self.name}' does not define its head: use method.loss=block or normed")

@@ -52,6 +52,13 @@ class FluxAdapter(ModelAdapter):
         arguments = bind_block_arguments(block, args, kwargs)
         return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
 
+    def step_embedding(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
+        return transformer.time_text_embed
+
+    def embedding_timesteps(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """FluxPipeline passes `t.to(dtype) / 1000`; the transformer multiplies it back by 1000."""
+        return timesteps.to(dtype) / 1000 * 1000
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(block, FluxSingleTransformerBlock):
             return [block.attn, block.proj_mlp]
