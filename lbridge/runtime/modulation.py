@@ -49,7 +49,6 @@ class StepTable:
     inputs: tuple  # the time embedding's arguments, every step's timestep stacked in the first
     embeddings: torch.Tensor  # (steps, batch, dim)
     mismatch: torch.Tensor  # a device flag: some call's inputs differed from the table's
-    generation: int
 
 
 class StepEmbeddingHook(ModelHook):
@@ -59,11 +58,13 @@ class StepEmbeddingHook(ModelHook):
         super().__init__()
         self.runtime, self.to_embedding_timesteps = runtime, to_embedding_timesteps
         self.tables: dict[str, StepTable] = {}
-        self.generations = 0
+        #: The table of the call under way (None: this call computes per step); the modulations read it.
+        self.current: StepTable | None = None
 
     def new_forward(self, module: torch.nn.Module, timestep: torch.Tensor, *rest: Any) -> torch.Tensor:
         scheduler = getattr(self.runtime.clock, "scheduler", None)
         if scheduler is None:  # single calls (cost measurement, tests) have no schedule to batch
+            self.current = None
             return self.fn_ref.original_forward(timestep, *rest)
         step, branch = self.runtime.step, self.runtime.branch
         table = self.tables.get(branch)
@@ -72,6 +73,7 @@ class StepEmbeddingHook(ModelHook):
         table.mismatch |= _differs(table.inputs, step, (timestep, *rest))
         if step == len(table.timesteps) - 1:
             self._check(table, branch)
+        self.current = table
         return table.embeddings[step]
 
     def _build(self, timesteps: torch.Tensor, timestep: torch.Tensor, rest: tuple) -> StepTable:
@@ -80,10 +82,9 @@ class StepEmbeddingHook(ModelHook):
         every_step = stacked[:, None].expand(steps, batch).reshape(steps * batch)
         repeated = tuple(_repeat(arg, steps) for arg in rest)
         embeddings = self.fn_ref.original_forward(every_step, *repeated)
-        self.generations += 1
         return StepTable(
             timesteps, (every_step.view(steps, batch), *rest), embeddings.view(steps, batch, -1),
-            torch.zeros((), dtype=torch.bool, device=timestep.device), self.generations,
+            torch.zeros((), dtype=torch.bool, device=timestep.device),
         )  # fmt: skip
 
     def _check(self, table: StepTable, branch: str) -> None:
@@ -96,6 +97,7 @@ class StepEmbeddingHook(ModelHook):
 
     def reset(self) -> None:
         self.tables.clear()
+        self.current = None
 
 
 class BatchedModulationHook(ModelHook):
@@ -104,16 +106,16 @@ class BatchedModulationHook(ModelHook):
     def __init__(self, runtime: CacheRuntime, embedding: StepEmbeddingHook, norm: torch.nn.Module) -> None:
         super().__init__()
         self.runtime, self.embedding, self.activation = runtime, embedding, norm.silu
-        self.outputs: dict[str, tuple[int, torch.Tensor]] = {}
+        self.outputs: dict[str, tuple[StepTable, torch.Tensor]] = {}  # per branch: of which table
 
     def new_forward(self, module: torch.nn.Module, emb: torch.Tensor) -> torch.Tensor:
-        table = self.embedding.tables.get(self.runtime.branch)
-        if getattr(self.runtime.clock, "scheduler", None) is None or table is None:
+        table = self.embedding.current
+        if table is None:
             return self.fn_ref.original_forward(emb)
-        generation, output = self.outputs.get(self.runtime.branch, (None, None))
-        if generation != table.generation:
+        source, output = self.outputs.get(self.runtime.branch, (None, None))
+        if source is not table:  # the sample's first call on this branch
             output = self.fn_ref.original_forward(self.activation(table.embeddings))
-            self.outputs[self.runtime.branch] = (table.generation, output)
+            self.outputs[self.runtime.branch] = (table, output)
         if emb.shape[0] != output.shape[1]:
             raise LbridgeError(
                 f"modulation=batched: a modulation got {emb.shape[0]} rows, its table {output.shape[1]}"
@@ -173,9 +175,11 @@ def _differs(inputs: tuple, step: int, actual: tuple) -> torch.Tensor:
     their device (a flag, no host sync); anything else on the host, a difference stopping at once."""
     flags = []
     for position, (a, e) in enumerate(zip(actual, (inputs[0][step], *inputs[1:]), strict=True)):
+        if a is e:  # the pipeline passed the same object (FLUX's pooled embeddings): nothing to compare
+            continue
         if isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor) and a.shape == e.shape:
             flags.append((a != e).any())
-        elif isinstance(a, torch.Tensor) or isinstance(e, torch.Tensor) or not (a is e or a == e):
+        elif isinstance(a, torch.Tensor) or isinstance(e, torch.Tensor) or a != e:
             raise LbridgeError(
                 f"modulation=batched: the time embedding's argument {position} changed between steps "
                 "of a sample; use modulation=per_step"
