@@ -190,6 +190,8 @@ def main() -> None:
         "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
     )
     args = p.parse_args()
+    if args.modulation != "per_step" and args.compile:
+        p.error(f"--modulation {args.modulation} is eager only: leave out --compile")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

@@ -293,10 +293,14 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
     assert "both with `modulation=batched`" in caption
 
 
-def test_batched_modulation_is_timed_eager_only(capsys):
+def test_batched_modulation_is_timed_eager_only(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         load_script().parse_args(["--modulation", "batched"])
     assert "--modulation batched is eager only: add --no-compile" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--modulation", "batched", "--compile"])
+    with pytest.raises(SystemExit):
+        load_script("profile_cached_step").main()
+    assert "--modulation batched is eager only: leave out --compile" in capsys.readouterr().err
     acc, _ = planned("none")
     acc.modulation = "batched"
     with pytest.raises(LbridgeError, match="modulation=batched is eager only"):
