@@ -24,6 +24,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the transformer runs, not what it computes (lbridge/runtime/compile.py, modulation.py)."""
+
+    compile: bool = False
+    compile_backend: str = "inductor"
+    modulation: str = "per_step"
+
+
+@dataclass
 class CommonSchema:
     """Types of the keys every command shares: Hydra rejects `num_prompts=abc` while composing.
 
@@ -38,6 +47,7 @@ class CommonSchema:
     seed: int = 0
     output_root: str = "outputs"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass

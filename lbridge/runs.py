@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from lbridge.config import CONF_DIR
+from lbridge.config import CONF_DIR, RuntimeConfig
 from lbridge.errors import LbridgeError
 from lbridge.io import append_jsonl, write_json
 
@@ -52,7 +53,20 @@ def sample_key(cfg: DictConfig, method: DictConfig | None = None) -> dict[str, A
     if method.name != "none":  # the reference has no ratio or schedule: one reference for all
         key["ratio"] = float(cfg.ratio)
         key["schedule"] = OmegaConf.to_container(cfg.schedule, resolve=True)
+    if runtime := runtime_key(cfg):
+        key["runtime"] = runtime
     return key
+
+
+def runtime_key(cfg: DictConfig) -> dict[str, Any]:
+    """The runtime options that differ from the defaults: compiled kernels and a batched modulation
+    round differently, so their images are another run. Empty by default, so the keys (and the run
+    directories) of runs made before these options existed are unchanged."""
+    chosen = OmegaConf.to_container(cfg.get("runtime") or OmegaConf.create(), resolve=True)
+    defaults = asdict(RuntimeConfig())
+    if not chosen.get("compile", defaults["compile"]):
+        chosen.pop("compile_backend", None)  # the backend of no compilation changes nothing
+    return {k: v for k, v in chosen.items() if v != defaults.get(k)}
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -74,6 +88,7 @@ def calibration_key(cfg: DictConfig) -> dict[str, Any]:
     """
     key = sample_key(cfg)
     del key["num_prompts"], key["seed"]
+    key.pop("runtime", None)  # how the calibrated method will run: one artifact serves eager and compiled
     target = cfg.method.get("_target_")
     for option in getattr(get_class(target), "sampling_options", ()) if target else ():
         key["method"].pop(option, None)

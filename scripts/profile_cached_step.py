@@ -31,7 +31,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import CompiledRegions
 from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -39,6 +38,7 @@ from lbridge.bench.run import method_params
 from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
 from lbridge.report.tables import write_csv_md
+from lbridge.runtime.compile import CompiledRegions
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.modulation import MODULATIONS
 from lbridge.runtime.schedule import Schedule

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import CompiledRegions, regions
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -22,6 +21,7 @@ from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, 
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
+from lbridge.runtime.compile import CompiledRegions, regions
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.schedule import Schedule
 

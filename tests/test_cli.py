@@ -53,6 +53,19 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "prompts.path=/nowhere.txt is not a file",
         ),
         (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (
+            ["sample", "runtime.modulation=fused"],
+            "unknown runtime.modulation 'fused' (accepted: per_step, batched)",
+        ),
+        (
+            ["sample", "runtime.compile=true", "runtime.modulation=batched"],
+            "runtime.modulation=batched is eager only: set runtime.compile=false",
+        ),
+        (
+            ["sample", "runtime.compile=true", "runtime.compile_backend=turbo"],
+            "unknown runtime.compile_backend 'turbo' (accepted: inductor, cudagraphs, eager, aot_eager",
+        ),
+        (["sample", "runtime.compile=maybe"], "runtime.compile=maybe: Value 'maybe' is not a valid bool"),
         (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report, analyze, "),
         (["eval", "method=fora", "ratio=3"], "run `lbridge sample` first"),
         (["calibrate", "method=fora"], "training-free"),

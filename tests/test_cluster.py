@@ -47,8 +47,8 @@ def test_a_misspelt_launcher_key_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "lbridge: error: unknown config key 'hydra.launcher.partiton' for `lbridge sample` "
-        "(accepted: model, method, prompts, ratio, num_prompts, seed, output_root, schedule, timing; "
-        "'+hydra.launcher.partiton=...' adds one)"
+        "(accepted: model, method, prompts, ratio, num_prompts, seed, output_root, schedule, runtime, "
+        "timing; '+hydra.launcher.partiton=...' adds one)"
     ]
     # The plugin's schema types lbridge's yaml: a wrong type is refused too.
     result = lbridge(*slurm, "hydra.launcher.timeout_min=soon", cwd=tmp_path)

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.compile import CompiledRegions, CompileStats
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import BenchConfig, DenoisingLoop
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import ModelAdapter
+from lbridge.runtime.compile import CompiledRegions, CompileStats
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
 from lbridge.runtime.schedule import Schedule, solve
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from lbridge import distributed
 from lbridge.api import Accelerator
 from lbridge.calibration.job import check_artifact
-from lbridge.commands.setup import build_adapter, build_method, plan, target_ratio
+from lbridge.commands.setup import build_adapter, build_method, check_runtime, compiled, plan, target_ratio
 from lbridge.io import append_jsonl, atomic_write_bytes, read_jsonl
 from lbridge.media import write_sample
 from lbridge.models.base import ModelAdapter
@@ -31,6 +31,7 @@ from lbridge.runs import (
     sample_dir,
     sample_key,
 )
+from lbridge.runtime.compile import CompiledRegions, CompileStats
 
 SAMPLES = "samples.jsonl"
 RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
@@ -85,19 +86,39 @@ def _sync(device: torch.device) -> None:
 
 
 def generate_run(
-    acc: Accelerator, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
+    contender: CompiledRegions, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
 ) -> list[dict]:
     """Generate the prompts of this rank not yet in `run`, one image each, timing every generation;
-    return the records of all `prompts` once every rank is done and rank 0 has merged them."""
+    return the records of all `prompts` once every rank is done and rank 0 has merged them.
+
+    `contender`: the planned accelerator, installed (its compiled regions, then its hooks) only here."""
     started = time.time()
     done = finished(run)
     todo = [p for p in distributed.mine(prompts) if p.index not in done]
+    if todo:
+        with contender.installed() as acc:
+            _generate(acc, adapter, todo, run, warmup, contender.stats)
+    distributed.barrier()  # every rank's images and records are on disk
+    if distributed.world().main:
+        merge_records(run, started)
+    distributed.barrier()  # the merged samples.jsonl is in place for every rank to read
+    done = finished(run)
+    return [done[p.index] for p in prompts]
+
+
+def _generate(
+    acc: Accelerator, adapter: ModelAdapter, todo: list[Prompt], run: Path, warmup: int, stats: CompileStats
+) -> None:
     here = distributed.world()
     label = acc.method.describe()["name"] + (f" [rank {here.rank}/{here.size}]" if here.parallel else "")
-    for _ in range(warmup if todo else 0):
-        acc.reset()
-        adapter.generate(acc.pipe, todo[0].text, todo[0].seed)
-    for prompt in tqdm(todo, desc=f"sample {label}", unit="img", disable=not todo):
+
+    def warm_up() -> None:  # compiles, when compiled: the timed generations below build no graph
+        for _ in range(warmup):
+            acc.reset()
+            adapter.generate(acc.pipe, todo[0].text, todo[0].seed)
+
+    stats.mark_warm(warm_up)
+    for prompt in tqdm(todo, desc=f"sample {label}", unit="img"):
         acc.reset()
         _sync(adapter.device)
         start = time.perf_counter()
@@ -112,12 +133,13 @@ def generate_run(
             "device": str(adapter.device), "process": process_tag(),
         }  # fmt: skip
         append_jsonl(records_file(run), record)
-    distributed.barrier()  # every rank's images and records are on disk
-    if here.main:
-        merge_records(run, started)
-    distributed.barrier()  # the merged samples.jsonl is in place for every rank to read
-    done = finished(run)
-    return [done[p.index] for p in prompts]
+    stats.mark_timed()
+    if stats.enabled:
+        counts = stats.row()
+        print(
+            f"torch.compile: {counts['graphs']} graphs, {counts['recompiles']} built during the timed "
+            f"generations, {counts['graph_breaks']} graph breaks ({label})"
+        )
 
 
 def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
@@ -128,13 +150,14 @@ def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
 
 def run(cfg: DictConfig) -> Path:
     target_ratio(cfg)
+    check_runtime(cfg)
     adapter = build_adapter(cfg)
     distributed.init(adapter.device)
     process_tag()
     method = build_method(cfg.method)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
     pipe = adapter.load_pipeline()
-    acc = plan(pipe, adapter, method, cfg, prompts[0].text)  # a bad ratio stops here, nothing written
+    acc = plan(pipe, adapter, method, cfg, prompts[0].text, cfg.runtime.modulation)  # a bad ratio stops here
     if hasattr(method, "load_calibration"):  # calibrated methods: the artifact of this very schedule
         check_artifact(calibration_dir(cfg), calibration_key(cfg), key_hash(calibration_key(cfg)))
         method.load_calibration(calibration_dir(cfg), adapter.transformer(pipe), acc.schedule)
@@ -149,8 +172,7 @@ def run(cfg: DictConfig) -> Path:
     check_plan(
         run_dir, {"schedule": str(acc.schedule), "full_flops": acc.cost.full, "cached_flops": acc.cost.cached}
     )
-    records = generate_run(acc.attach(), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
-    acc.remove()
+    records = generate_run(compiled(acc, cfg), adapter, prompts, run_dir, int(cfg.timing.warmup_runs))
     if not distributed.world().main:  # rank 0 reports for the whole launch
         return run_dir
 
@@ -179,8 +201,6 @@ def generate_reference(
     `ref` is the already planned `none` accelerator when the command itself samples `method=none`.
     """
     none_cfg = reference_method()
-    ref = ref or plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text)
+    ref = ref or plan(pipe, adapter, build_method(none_cfg), cfg, prompts[0].text, cfg.runtime.modulation)
     ref_dir = open_run(sample_dir(cfg, none_cfg), sample_key(cfg, none_cfg))
-    records = generate_run(ref.attach(), adapter, prompts, ref_dir, int(cfg.timing.warmup_runs))
-    ref.remove()
-    return records
+    return generate_run(compiled(ref, cfg), adapter, prompts, ref_dir, int(cfg.timing.warmup_runs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch._dynamo
 from omegaconf import DictConfig
 
 from lbridge.api import Accelerator
@@ -12,6 +13,11 @@ from lbridge.config import instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
 from lbridge.models.base import ModelAdapter
+from lbridge.runtime.compile import CompiledRegions
+from lbridge.runtime.modulation import MODULATIONS
+
+#: torch.compile backends named in the error for an unknown one (any dynamo backend is accepted).
+COMMON_BACKENDS = ("inductor", "cudagraphs", "eager", "aot_eager")
 
 
 def build_adapter(cfg: DictConfig) -> ModelAdapter:
@@ -34,9 +40,47 @@ def target_ratio(cfg: DictConfig) -> float:
     return ratio
 
 
-def plan(pipe: Any, adapter: ModelAdapter, method: CacheMethod, cfg: DictConfig, prompt: str) -> Accelerator:
-    """Measure costs and solve the schedule (raises before anything is written); left detached."""
-    accelerator = Accelerator(pipe, method, adapter)
+def check_runtime(cfg: DictConfig) -> None:
+    """`runtime.*`, checked before a model is loaded or anything is written."""
+    runtime = cfg.runtime
+    if runtime.modulation not in MODULATIONS:
+        raise LbridgeError(
+            f"unknown runtime.modulation '{runtime.modulation}' (accepted: {', '.join(MODULATIONS)})"
+        )
+    if not runtime.compile:
+        return
+    if runtime.modulation != "per_step":
+        # Its hooks sit on the modulations inside the compiled blocks: tracing them would guard on the step.
+        raise LbridgeError(
+            f"runtime.modulation={runtime.modulation} is eager only: set runtime.compile=false, "
+            "or runtime.modulation=per_step to compile"
+        )
+    if runtime.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise LbridgeError(
+            f"unknown runtime.compile_backend '{runtime.compile_backend}' (accepted: "
+            f"{', '.join(COMMON_BACKENDS)}, or any name in torch._dynamo.list_backends())"
+        )
+
+
+def compiled(acc: Accelerator, cfg: DictConfig) -> CompiledRegions:
+    """The planned accelerator with its regions compiled when `runtime.compile` says so; install it
+    with `.installed()` (compiled forwards, then the hooks)."""
+    return CompiledRegions(acc, bool(cfg.runtime.compile), backend=str(cfg.runtime.compile_backend))
+
+
+def plan(
+    pipe: Any,
+    adapter: ModelAdapter,
+    method: CacheMethod,
+    cfg: DictConfig,
+    prompt: str,
+    modulation: str = "per_step",
+) -> Accelerator:
+    """Measure costs and solve the schedule (raises before anything is written); left detached.
+
+    `modulation`: `runtime.modulation` for `sample`; the other commands compute per step (a
+    calibration serves every runtime)."""
+    accelerator = Accelerator(pipe, method, adapter, modulation)
     accelerator.plan(
         target_ratio(cfg),
         {**adapter.prompt_kwargs(pipe, prompt), **adapter.pipeline_kwargs()},

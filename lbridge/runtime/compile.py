@@ -14,14 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._dynamo.utils import counters
 
-from lbridge.api import Accelerator
 from lbridge.errors import LbridgeError
 from lbridge.runtime.hooks import PREFIX
+
+if TYPE_CHECKING:  # the Accelerator installs what this module compiles around
+    from lbridge.api import Accelerator
 
 
 def dynamo_counts() -> tuple[int, int]:

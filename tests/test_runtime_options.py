@@ -1,0 +1,80 @@
+"""`runtime.*`: how `lbridge sample` runs the transformer, not what the method computes.
+
+`runtime.compile=true` compiles the regions the method runs (whole blocks, or ToCa's sites) under
+its hooks; `runtime.modulation=batched` computes every AdaLN modulation once per sample. Either
+rounds differently, so its runs (the method's and its reference) are run directories of their own;
+a calibration is shared by every runtime; the defaults leave the keys of earlier runs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from helpers import launch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from lbridge.config import CONF_DIR
+from lbridge.runs import calibration_key, sample_key
+
+TOCA = ["sample", "model=tiny", "method=toca", "ratio=3", "num_prompts=2"]
+
+
+def runs(root: Path) -> dict[str, Path]:
+    """Run directories by the runtime their manifest records ('' for the defaults) and method."""
+    found = {}
+    for run in (root / "outputs" / "sample" / "tiny").iterdir():
+        key = json.loads((run / "run.json").read_text())["key"]
+        found[(json.dumps(key.get("runtime", {}), sort_keys=True), key["method"]["name"])] = run
+    return found
+
+
+def pixels(run: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(run.glob("*.png"))]
+
+
+def test_compiled_sampling_builds_its_graphs_at_warm_up_and_none_while_timed(tmp_path):
+    launch(TOCA, tmp_path, 1)
+    # The eager backend: dynamo's tracing and graphs without inductor's kernels (fast, same operations).
+    done = launch([*TOCA, "runtime.compile=true", "runtime.compile_backend=eager"], tmp_path, 1)
+    reports = [line for line in done.stdout.splitlines() if line.startswith("torch.compile:")]
+    assert [r.endswith(f"({name})") for r, name in zip(reports, ["none", "toca"], strict=True)] == [True] * 2
+    assert all(int(r.split()[1]) > 0 for r in reports)  # ToCa compiles its sites, not the blocks
+    assert all("0 built during the timed generations, 0 graph breaks" in r for r in reports)
+    found = runs(tmp_path)
+    compiled = json.dumps({"compile": True, "compile_backend": "eager"}, sort_keys=True)
+    assert set(found) == {("{}", "none"), ("{}", "toca"), (compiled, "none"), (compiled, "toca")}
+    for method in ("none", "toca"):  # the same operations, replayed from graphs: the same images
+        assert [p.tobytes() for p in pixels(found[("{}", method)])] == [
+            p.tobytes() for p in pixels(found[(compiled, method)])
+        ]
+
+
+def test_batched_modulation_is_a_run_of_its_own_with_the_same_images_up_to_rounding(tmp_path):
+    launch(TOCA, tmp_path, 1)
+    launch([*TOCA, "runtime.modulation=batched"], tmp_path, 1)
+    found = runs(tmp_path)
+    batched = json.dumps({"modulation": "batched"}, sort_keys=True)
+    assert set(found) == {("{}", "none"), ("{}", "toca"), (batched, "none"), (batched, "toca")}
+    for method in ("none", "toca"):
+        pairs = zip(pixels(found[("{}", method)]), pixels(found[(batched, method)]), strict=True)
+        for per_step, once in pairs:
+            assert np.abs(per_step - once).max() <= 1  # a many-row matmul's rounding, at most one level
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("sample", ["model=tiny", "method=learnibridge", "ratio=3", *overrides])
+
+
+def test_default_runtime_keeps_earlier_run_keys_and_a_calibration_serves_every_runtime():
+    default = config()
+    assert "runtime" not in sample_key(default)  # run directories made before runtime.* still resume
+    assert sample_key(config("runtime.compile_backend=eager")) == sample_key(default)  # nothing compiled
+    compiled = config("runtime.compile=true")
+    assert sample_key(compiled)["runtime"] == {"compile": True}
+    batched = config("runtime.modulation=batched")
+    assert sample_key(batched)["runtime"] == {"modulation": "batched"}
+    assert calibration_key(compiled) == calibration_key(batched) == calibration_key(default)
