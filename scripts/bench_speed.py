@@ -86,7 +86,8 @@ def header(args: argparse.Namespace, config: BenchConfig, device: torch.device, 
         f"timing: {timing}",
         f"torch {torch.__version__}; load average (1 min) {min(loads):.2f}-{max(loads):.2f} during the run",
         "peak_mem_gb: torch.cuda.max_memory_allocated (blank on CPU); cache_mb: bytes the method's cache "
-        "holds after a run",
+        "holds after a run"
+        + (", with the sample's modulation tables (full compute's row: the tables alone)" if batched else ""),
     ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
 from lbridge.api import Accelerator
 from lbridge.bench.memory import cache_bytes
@@ -46,13 +47,13 @@ def table(tmp_path_factory):
     return out
 
 
-def planned(name: str, loop: DenoisingLoop | None = None):
+def planned(name: str, loop: DenoisingLoop | None = None, modulation: str = "per_step"):
     config = CONFIGS["flux-tiny"]
     if loop is None:
         transformer = build_transformer(config, torch.device("cpu"), torch.float32)
         loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
     method = load_method(name, **method_params(name, config.steps))
-    acc = Accelerator(loop, method, adapter_for(loop.transformer)(name="t"))
+    acc = Accelerator(loop, method, adapter_for(loop.transformer)(name="t"), modulation)
     acc.plan(1.0, {"num_inference_steps": config.steps})
     return acc, loop
 
@@ -134,12 +135,26 @@ def test_cached_steps_never_recompile(table):
 def test_cache_bytes_counts_what_the_hooks_hold():
     acc, loop = planned("fora")
     acc.attach()
-    assert cache_bytes(acc.method) == 0
+    assert cache_bytes(acc) == 0
     loop(CONFIGS["flux-tiny"].steps)
-    held = cache_bytes(acc.method)
+    held = cache_bytes(acc)
     acc.remove()
     final = 1 * (16 + 8) * 32 * 4  # FORA site=stack: the final block's output, hidden + text tokens, float32
     assert held >= 16 * 32 * 4 and held <= 2 * final
+
+
+def test_cache_bytes_counts_the_batched_modulation_tables_full_compute_included():
+    acc, loop = planned("none", modulation="batched")
+    steps = CONFIGS["flux-tiny"].steps
+    adaln = AdaLayerNormZero | AdaLayerNormZeroSingle
+    widths = [m.linear.out_features for m in loop.transformer.modules() if isinstance(m, adaln)]
+    # Every modulation's output and the embedding, for every step (batch 1, float32).
+    tables = steps * 4 * (sum(widths) + loop.transformer.inner_dim)
+    acc.attach()
+    loop(steps)
+    held = cache_bytes(acc)
+    acc.remove()
+    assert tables <= held <= tables + 4096  # and the timesteps and the device-side check's flags
 
 
 def test_compiled_regions_are_installed_only_while_their_method_is():

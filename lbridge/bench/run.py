@@ -141,7 +141,7 @@ class _Runs:
         self.cpu_seconds.append(time.process_time() - cpu_start)
         if device.type == "cuda":
             self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(device))
-        self.held = cache_bytes(acc.method)  # while attached: what the cache holds at a run's end
+        self.held = cache_bytes(acc)  # while attached: what the cache (and tables) hold at a run's end
 
     def timing(self, acc: Accelerator) -> Timing:
         flops, realised = acc.sample_flops(), acc.runtime.realised_schedule()  # of the last run
