@@ -6,7 +6,8 @@
 #
 #   scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [more arguments of the part's script]
 #
-# check:    versions, the device's copy bandwidth and bf16 matmul rate, and every code path on flux-tiny
+# check:    versions, the device's copy bandwidth and bf16 matmul rate, every code path on flux-tiny,
+#           and `lbridge sample runtime.compile=true` on the tiny model
 # stack:    eager FORA, TaylorSeer, FoCa, L2P, TCC at ratios 2-6
 # others:   eager ToCa, TeaCache, FirstBlockCache, MagCache
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
@@ -14,7 +15,7 @@
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager, then FORA and ToCa
 #           with modulation=batched; profile-compiled: compiled
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
-# RESULTS (results/speed: where the scripts write). Without .gpu-kit/ the installed packages are used.
+# RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
 part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
@@ -68,6 +69,12 @@ if device.type == "cuda":
 EOF
     bench --config flux-tiny --methods fora,toca,learnibridge --ratios 2 --repeats 1 \
       --compile-methods toca,learnibridge --calib-prompts 1 --calib-steps 5 --name "$stem-check" "$@"
+    # The command line on the device: `lbridge sample` with ToCa's sites compiled under its hooks
+    # (it prints the graphs built while timed: 0), on the embedded tiny model.
+    samples=$(mktemp -d)
+    "$PYTHON" -m lbridge.cli sample model=tiny model.device="$DEVICE" method=toca ratio=3 num_prompts=2 \
+      runtime.compile=true runtime.compile_backend="${COMPILE_BACKEND:-inductor}" output_root="$samples"
+    rm -rf "$samples"
     ;;
   stack)
     bench --methods fora,taylorseer,foca,l2p,tcc --no-compile --no-calibrate --name "$stem-stack" "$@" ;;
