@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 from helpers import launch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -35,11 +37,21 @@ def pixels(run: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(run.glob("*.png"))]
 
 
-def test_compiled_sampling_builds_its_graphs_at_warm_up_and_none_while_timed(tmp_path):
-    launch(TOCA, tmp_path, 1)
-    # The eager backend: dynamo's tracing and graphs without inductor's kernels (fast, same operations).
-    done = launch([*TOCA, "runtime.compile=true", "runtime.compile_backend=eager"], tmp_path, 1)
-    reports = [line for line in done.stdout.splitlines() if line.startswith("torch.compile:")]
+# The eager backend: dynamo's tracing and graphs without inductor's kernels (fast, same operations).
+COMPILED = ["runtime.compile=true", "runtime.compile_backend=eager"]
+
+
+@pytest.fixture(scope="module")
+def eager_and_compiled(tmp_path_factory) -> tuple[Path, str]:
+    """ToCa and its reference sampled eager, then compiled; the compiled command's output."""
+    root = tmp_path_factory.mktemp("runtime")
+    launch(TOCA, root, 1)
+    return root, launch([*TOCA, *COMPILED], root, 1).stdout
+
+
+def test_compiled_sampling_builds_its_graphs_at_warm_up_and_none_while_timed(eager_and_compiled):
+    tmp_path, stdout = eager_and_compiled
+    reports = [line for line in stdout.splitlines() if line.startswith("torch.compile:")]
     assert [r.endswith(f"({name})") for r, name in zip(reports, ["none", "toca"], strict=True)] == [True] * 2
     assert all(int(r.split()[1]) > 0 for r in reports)  # ToCa compiles its sites, not the blocks
     assert all("0 built during the timed generations, 0 graph breaks" in r for r in reports)
@@ -50,6 +62,21 @@ def test_compiled_sampling_builds_its_graphs_at_warm_up_and_none_while_timed(tmp
         assert [p.tobytes() for p in pixels(found[("{}", method)])] == [
             p.tobytes() for p in pixels(found[(compiled, method)])
         ]
+
+
+def test_the_report_tells_compiled_runs_from_eager_ones(eager_and_compiled):
+    root, _ = eager_and_compiled
+    for runtime in ([], COMPILED):
+        launch(["eval", "model=tiny", "method=none", "num_prompts=2", *runtime], root, 1)
+        launch(["eval", *TOCA[1:], *runtime], root, 1)
+    launch(["report", "model=tiny", "out=table"], root, 1)
+    table = pd.read_csv(root / "table" / "table.csv", comment="#", keep_default_na=False)
+    assert list(table.columns[:2]) == ["method", "runtime"]
+    runtimes = sorted(zip(table["method"], table["runtime"], strict=True))
+    compiled = "compile=True compile_backend=eager"
+    assert runtimes == [("none", ""), ("none", compiled), ("toca", ""), ("toca", compiled)]
+    grids = sorted((root / "table" / "table_grid").glob("*.png"))
+    assert grids  # one line per method and runtime (labels: 'toca r3', 'toca [compile=True ...] r3')
 
 
 def test_batched_modulation_is_a_run_of_its_own_with_the_same_images_up_to_rounding(tmp_path):

@@ -15,7 +15,7 @@ from lbridge.io import read_jsonl
 from lbridge.report.grid import image_grids
 from lbridge.report.pareto import pareto_plot
 from lbridge.report.tables import to_markdown, write_table
-from lbridge.runs import FAILURES
+from lbridge.runs import FAILURES, MANIFEST
 
 QUALITY = (
     "psnr",
@@ -41,22 +41,42 @@ def metric_notes(root: Path, model: str) -> dict[str, str]:
     return notes
 
 
+def runtime_of(run: Path) -> str:
+    """The run's non-default `runtime.*` options ('' for none): compiled and eager runs of one method
+    and ratio are two rows, and the table says which is which."""
+    options = json.loads((run / MANIFEST).read_text()).get("key", {}).get("runtime", {})
+    return " ".join(f"{name}={value}" for name, value in sorted(options.items()))
+
+
 def gather(root: Path, model: str) -> pd.DataFrame:
     rows = []
     for path in sorted((root / "sample" / model).glob("*/metrics.json")):
-        rows.append({**json.loads(path.read_text()), "run": path.parent.name})
+        rows.append(
+            {**json.loads(path.read_text()), "run": path.parent.name, "runtime": runtime_of(path.parent)}
+        )
     if not rows:
         raise LbridgeError(f"no evaluated runs under {root / 'sample' / model}: run `lbridge eval` first")
     table = pd.DataFrame(rows)
-    skip = {*COLUMNS, "model", "schedule", "run", "num_samples", NOTES}
+    skip = {*COLUMNS, "model", "schedule", "run", "runtime", "num_samples", NOTES}
     metrics = [c for c in table.columns if c not in skip]
-    return table[[*COLUMNS, *sorted(metrics), "num_samples", "schedule", "run"]]
+    runtime = ["runtime"] if table["runtime"].ne("").any() else []  # the column only when some run sets one
+    return table[[COLUMNS[0], *runtime, *COLUMNS[1:], *sorted(metrics), "num_samples", "schedule", "run"]]
+
+
+def series(table: pd.DataFrame) -> pd.Series:
+    """A plot line / grid line per method and runtime: 'toca', 'toca [compile=True]'."""
+    if "runtime" not in table:
+        return table["method"]
+    runtime = table["runtime"].fillna("")
+    return table["method"] + runtime.map(lambda r: f" [{r}]" if r else "")
 
 
 def ordered(table: pd.DataFrame) -> pd.DataFrame:
-    """The full-compute reference first, then each method by increasing target ratio."""
+    """The full-compute reference first, then each method by increasing target ratio (the default
+    runtime before the others)."""
     order = table["method"].ne("none").astype(int)
-    return table.assign(_order=order).sort_values(["_order", "method", "ratio_target"]).drop(columns="_order")
+    keys = ["_order", "method", *(["runtime"] if "runtime" in table else []), "ratio_target"]
+    return table.assign(_order=order).sort_values(keys, kind="stable").drop(columns="_order")
 
 
 def failed_jobs(root: Path, model: str) -> pd.DataFrame:
@@ -74,8 +94,11 @@ def failed_jobs(root: Path, model: str) -> pd.DataFrame:
 def grid_layout(root: Path, model: str, table: pd.DataFrame) -> list[list[tuple[str, Path]]]:
     """A line per method in table order (the full-compute reference first), runs by increasing ratio."""
     lines = []
-    for method, rows in table.dropna(subset=["run"]).groupby("method", sort=False):
-        labels = ["full compute" if method == "none" else f"{method} r{r:g}" for r in rows["ratio_target"]]
+    evaluated = table.dropna(subset=["run"])
+    for line, rows in evaluated.groupby(series(evaluated), sort=False):
+        method = rows["method"].iloc[0]
+        labels = [f"full compute{line[len(method):]}" if method == "none" else f"{line} r{r:g}"
+                  for r in rows["ratio_target"]]  # fmt: skip
         runs = [root / "sample" / model / run for run in rows["run"]]
         lines.append(list(zip(labels, runs, strict=True)))
     return lines
@@ -102,7 +125,8 @@ def run(cfg: DictConfig) -> Path:
     quality = next((q for q in QUALITY if q in table and table[q].notna().any()), None)
     if quality is not None:
         title = f"model={cfg.model.name}, {runs}"
-        plot = pareto_plot(table, out / f"{cfg.name}_pareto.png", "flops_speedup", quality, title=title,
+        lines = table.assign(method=series(table))  # a line per method and runtime
+        plot = pareto_plot(lines, out / f"{cfg.name}_pareto.png", "flops_speedup", quality, title=title,
                            footer=f"regenerate: {cfg.regenerate or command}")  # fmt: skip
         files += [plot] if plot else []
     grids = image_grids(grid_layout(root, cfg.model.name, table), out / f"{cfg.name}_grid", GRID_PROMPTS, 96)

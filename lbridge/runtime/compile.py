@@ -7,6 +7,8 @@ compiled version *before* the hooks are registered, so the hooks wrap compiled c
 (the schedule lookup, the cache) never enters a graph: the step index is not a guard, and a CACHED
 step never recompiles. Compiling a whole block whose submodules carry hooks would trace the hooks and
 guard on the step.
+
+Used by `lbridge sample` (`runtime.compile=true`: both of its runs) and by the speed scripts.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class CompiledRegions:
         if enabled and acc.modulation != "per_step":
             # Its hooks sit on the modulations inside the blocks: a compiled block would trace them
             # and guard on the step (a recompile per step).
-            raise LbridgeError(f"modulation={acc.modulation} is eager only: time it without compiling")
+            raise LbridgeError(f"modulation={acc.modulation} is eager only: run it without compiling")
         self.acc = acc
         self.stats = CompileStats(enabled, start=dynamo_counts())
         modules = regions(acc) if enabled else []
