@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lbridge.commands.sample import peak_memory_line
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -126,6 +128,31 @@ def test_sample_eval_report_end_to_end_and_resume(tmp_path):
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert f"was sampled under another plan: cached_flops={plan['cached_flops'] + 1} (now: " in refused.stderr
     assert (dirs["fora-r3"] / "samples.jsonl").read_text() == lines_before
+
+
+def test_peak_cuda_memory_goes_from_the_records_to_eval_and_report(tmp_path):
+    """CUDA runs record each generation's peak memory (torch.cuda.max_memory_allocated); CPU runs
+    record none. Here the records are given the field a CUDA run writes, then evaluated."""
+    assert lbridge("sample", "ratio=3", "num_prompts=2", cwd=tmp_path).returncode == 0
+    dirs = run_dirs(tmp_path)
+    assert "peak_mem_gb" not in (dirs["fora-r3"] / "samples.jsonl").read_text()  # CPU: not measured
+    assert lbridge("eval", "ratio=3", "num_prompts=2", cwd=tmp_path).returncode == 0
+    assert "peak_mem_gb" not in json.loads((dirs["fora-r3"] / "metrics.json").read_text())
+    for name, peaks in (("none", [20.0, 22.0]), ("fora-r3", [24.0, 24.5])):
+        records = dirs[name] / "samples.jsonl"
+        lines = [json.loads(line) for line in records.read_text().splitlines()]
+        cuda = [{**r, "peak_mem_gb": p} for r, p in zip(lines, peaks, strict=True)]
+        records.write_text("".join(json.dumps(r) + "\n" for r in cuda))
+    assert lbridge("eval", "ratio=3", "num_prompts=2", cwd=tmp_path).returncode == 0
+    assert json.loads((dirs["fora-r3"] / "metrics.json").read_text())["peak_mem_gb"] == 24.25
+    assert lbridge("report", "out=table", cwd=tmp_path).returncode == 0
+    header = (tmp_path / "table" / "table.csv").read_text().splitlines()
+    columns = next(line for line in header if not line.startswith("#")).split(",")
+    assert columns[:5] == ["method", "ratio_target", "flops_speedup", "latency_speedup", "peak_mem_gb"]
+    assert peak_memory_line([{"peak_mem_gb": 24.0}], [{"peak_mem_gb": 21.0}]) == (
+        "peak CUDA memory 24.00 GiB per generation (method=none: 21.00 GiB, +3.00)"
+    )
+    assert peak_memory_line([{"latency_s": 1.0}], []) == ""  # CPU records: no line
 
 
 def test_a_sweep_goes_on_past_an_unreachable_ratio_and_the_report_lists_it(tmp_path):

@@ -2,8 +2,9 @@
 
 What is compared byte for byte: every image, every trajectory shard, run.json, metrics.json and every
 samples.jsonl line once the fields that measure the run rather than its output are dropped
-(`sample.UNDETERMINED`: latency_s, process, device). Wall time differs between any two runs, even of
-one process, so those fields cannot be byte-identical; everything else is.
+(`sample.UNDETERMINED`: latency_s, process, device, and peak_mem_gb on CUDA). Wall time differs
+between any two runs, even of one process, so those fields cannot be byte-identical; everything
+else is.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lbridge import distributed
-from lbridge.commands.sample import finished, speedups
+from lbridge.commands.sample import finished, mean_peak_memory, speedups
 from lbridge.config import CONF_DIR, group_options, instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
@@ -137,6 +137,8 @@ def run(cfg: DictConfig) -> Path:
         "flops_speedup": flops_x, "latency_speedup": latency_x,
         "schedule": records[0]["schedule"], "num_samples": count,
     }  # fmt: skip
+    if (peak := mean_peak_memory(records)) is not None:  # CUDA runs
+        metrics["peak_mem_gb"] = peak
     notes = {}
     for name in names:
         if name in PAIRED:

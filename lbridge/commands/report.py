@@ -29,6 +29,7 @@ QUALITY = (
 GRID_PROMPTS = 4
 
 COLUMNS = ["method", "ratio_target", "flops_speedup", "latency_speedup"]
+MEMORY = "peak_mem_gb"  # metrics.json of CUDA runs: mean peak memory per generation
 NOTES = "metric_notes"  # metrics.json: what each metric is (backbone, weights, formula), for the caption
 
 
@@ -57,10 +58,12 @@ def gather(root: Path, model: str) -> pd.DataFrame:
     if not rows:
         raise LbridgeError(f"no evaluated runs under {root / 'sample' / model}: run `lbridge eval` first")
     table = pd.DataFrame(rows)
-    skip = {*COLUMNS, "model", "schedule", "run", "runtime", "num_samples", NOTES}
+    skip = {*COLUMNS, "model", "schedule", "run", "runtime", MEMORY, "num_samples", NOTES}
     metrics = [c for c in table.columns if c not in skip]
     runtime = ["runtime"] if table["runtime"].ne("").any() else []  # the column only when some run sets one
-    return table[[COLUMNS[0], *runtime, *COLUMNS[1:], *sorted(metrics), "num_samples", "schedule", "run"]]
+    memory = [MEMORY] if MEMORY in table else []  # CUDA runs: beside the speedups
+    columns = [COLUMNS[0], *runtime, *COLUMNS[1:], *memory, *sorted(metrics)]
+    return table[[*columns, "num_samples", "schedule", "run"]]
 
 
 def series(table: pd.DataFrame) -> pd.Series:

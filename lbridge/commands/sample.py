@@ -35,9 +35,10 @@ from lbridge.runtime.compile import CompiledRegions, CompileStats
 
 SAMPLES = "samples.jsonl"
 RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
-#: Record fields that differ between runs of the same config (wall time, which process, which GPU);
-#: every other field, and every image, is byte-identical across reruns, resumes and process counts.
-UNDETERMINED = ("latency_s", "process", "device")
+#: Record fields that differ between runs of the same config (wall time, which process, which GPU,
+#: its allocator's peak); every other field, and every image, is byte-identical across reruns,
+#: resumes and process counts.
+UNDETERMINED = ("latency_s", "process", "device", "peak_mem_gb")
 
 
 @cache
@@ -85,6 +86,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """CUDA: `peak_mem_gb`, the most memory torch held during the generation (weights, activations,
+    the method's cache); nothing on other devices, whose allocators do not count it."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def generate_run(
     contender: CompiledRegions, adapter: ModelAdapter, prompts: list[Prompt], run: Path, warmup: int
 ) -> list[dict]:
@@ -121,6 +135,7 @@ def _generate(
     for prompt in tqdm(todo, desc=f"sample {label}", unit="img"):
         acc.reset()
         _sync(adapter.device)
+        _reset_peak(adapter.device)
         start = time.perf_counter()
         sample = adapter.generate(acc.pipe, prompt.text, prompt.seed)
         _sync(adapter.device)
@@ -130,7 +145,7 @@ def _generate(
         record = {
             "index": prompt.index, "prompt": prompt.text, "seed": prompt.seed, **files,
             "latency_s": latency, "flops": acc.sample_flops(), "schedule": acc.runtime.realised_schedule(),
-            "device": str(adapter.device), "process": process_tag(),
+            "device": str(adapter.device), "process": process_tag(), **peak_memory(adapter.device),
         }  # fmt: skip
         append_jsonl(records_file(run), record)
     stats.mark_timed()
@@ -140,6 +155,20 @@ def _generate(
             f"torch.compile: {counts['graphs']} graphs, {counts['recompiles']} built during the timed "
             f"generations, {counts['graph_breaks']} graph breaks ({label})"
         )
+
+
+def mean_peak_memory(records: list[dict]) -> float | None:
+    """Mean `peak_mem_gb` of the records, when every one has it (CUDA runs)."""
+    peaks = [r.get("peak_mem_gb") for r in records]
+    return mean(peaks) if peaks and None not in peaks else None
+
+
+def peak_memory_line(records: list[dict], reference: list[dict]) -> str:
+    method, full = mean_peak_memory(records), mean_peak_memory(reference)
+    if method is None:
+        return ""
+    versus = f" (method=none: {full:.2f} GiB, {method - full:+.2f})" if full is not None else ""
+    return f"peak CUDA memory {method:.2f} GiB per generation{versus}"
 
 
 def speedups(records: list[dict], reference: list[dict]) -> tuple[float, float]:
@@ -186,6 +215,8 @@ def run(cfg: DictConfig) -> Path:
         f"FLOPs speedup {flops_x:.2f}x (target {cfg.ratio:g}x)  latency speedup {latency_x:.2f}x  "
         f"vs method=none, same {len(prompts)} seeds"
     )
+    if memory := peak_memory_line(records, reference):
+        print(memory)
     if any(r.get("process") != process_tag() for r in reference):
         print(
             "note: the reference images were timed by an earlier process; its latencies may not be comparable"
