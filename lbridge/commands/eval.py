@@ -24,6 +24,7 @@ from PIL import Image
 
 from lbridge import distributed
 from lbridge.commands.sample import finished, mean_peak_memory, speedups
+from lbridge.commands.setup import check_runtime
 from lbridge.config import CONF_DIR, group_options, instantiate_node
 from lbridge.errors import LbridgeError
 from lbridge.io import write_json
@@ -116,6 +117,7 @@ def compute_metric(cfg: DictConfig, name: str, inputs: EvalInputs) -> tuple[dict
 
 
 def run(cfg: DictConfig) -> Path:
+    check_runtime(cfg)  # the run it evaluates is found by these options too
     if not distributed.world().main:
         # Under torchrun, eval runs on rank 0 alone: set metrics (FID, KID) need the whole set, and
         # reading images is cheap next to sampling them. The other ranks exit cleanly, having done nothing.
