@@ -14,7 +14,7 @@ from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
 from lbridge.models.base import ModelAdapter
 from lbridge.runtime.compile import CompiledRegions
-from lbridge.runtime.modulation import MODULATIONS
+from lbridge.runtime.modulation import check_modulation
 
 #: torch.compile backends named in the error for an unknown one (any dynamo backend is accepted).
 COMMON_BACKENDS = ("inductor", "cudagraphs", "eager", "aot_eager")
@@ -43,10 +43,7 @@ def target_ratio(cfg: DictConfig) -> float:
 def check_runtime(cfg: DictConfig) -> None:
     """`runtime.*`, checked before a model is loaded or anything is written."""
     runtime = cfg.runtime
-    if runtime.modulation not in MODULATIONS:
-        raise LbridgeError(
-            f"unknown runtime.modulation '{runtime.modulation}' (accepted: {', '.join(MODULATIONS)})"
-        )
+    check_modulation(runtime.modulation, "runtime.modulation")
     if not runtime.compile:
         return
     if runtime.modulation != "per_step":

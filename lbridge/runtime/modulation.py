@@ -157,9 +157,10 @@ class StepBatchedModulation:
             hook.reset()
 
 
-def check_modulation(modulation: str) -> str:
+def check_modulation(modulation: str, key: str = "modulation") -> str:
+    """`modulation` if accepted; `key`: its name in the error (`runtime.modulation` on the command line)."""
     if modulation not in MODULATIONS:
-        raise LbridgeError(f"unknown modulation '{modulation}' (accepted: {', '.join(MODULATIONS)})")
+        raise LbridgeError(f"unknown {key} '{modulation}' (accepted: {', '.join(MODULATIONS)})")
     return modulation
 
 
