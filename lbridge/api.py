@@ -29,6 +29,7 @@ from lbridge.runtime.context import CacheRuntime, ManualClock, SchedulerClock
 from lbridge.runtime.cost import StepCost, count_flops
 from lbridge.runtime.hooks import CONTEXT_HOOK, StepContextHook, register, remove_all
 from lbridge.runtime.modulation import StepBatchedModulation, check_modulation
+from lbridge.runtime.rotary import RotaryCache
 from lbridge.runtime.schedule import Schedule, solve
 
 
@@ -85,6 +86,7 @@ class Accelerator:
         self.pipe, self.method, self.adapter = pipe, method, adapter
         self.modulation = check_modulation(modulation)
         self.batched_modulation: StepBatchedModulation | None = None
+        self.rotary: RotaryCache | None = None  # the rotary embedding once per sample (while attached)
         self.transformer = adapter.transformer(pipe)
         self.runtime: CacheRuntime | None = None
         self.cost: StepCost | None = None
@@ -169,6 +171,8 @@ class Accelerator:
             if self.modulation == "batched":
                 self.batched_modulation = StepBatchedModulation(self.runtime)
                 self.batched_modulation.attach(self.transformer, self.adapter)
+            self.rotary = RotaryCache(self.runtime)  # exact, so always on
+            self.rotary.attach(self.transformer, self.adapter)
             # Registered last, so it is the outermost hook: the context is set before anything runs.
             register(self.transformer, StepContextHook(self.runtime), CONTEXT_HOOK)
             self.attached = True
@@ -180,6 +184,8 @@ class Accelerator:
             if self.batched_modulation is not None:
                 self.batched_modulation.detach(self.transformer)
                 self.batched_modulation = None
+            self.rotary.detach(self.transformer)
+            self.rotary = None
             remove_all(self.transformer, [CONTEXT_HOOK])
             self.attached = False
 
@@ -188,6 +194,8 @@ class Accelerator:
         self.method.reset()
         if self.batched_modulation is not None:
             self.batched_modulation.reset()
+        if self.rotary is not None:
+            self.rotary.reset()
         self.runtime.reset_counts()
 
     # -- reporting ---------------------------------------------------------------------------

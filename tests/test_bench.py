@@ -139,8 +139,10 @@ def test_cache_bytes_counts_what_the_hooks_hold():
     loop(CONFIGS["flux-tiny"].steps)
     held = cache_bytes(acc)
     acc.remove()
-    final = 1 * (16 + 8) * 32 * 4  # FORA site=stack: the final block's output, hidden + text tokens, float32
-    assert held >= 16 * 32 * 4 and held <= 2 * final
+    tokens, transformer = 16 + 8, loop.transformer  # image + text, batch 1, float32
+    final = tokens * transformer.inner_dim * 4  # FORA site=stack: the final block's output
+    rotary = 2 * tokens * sum(transformer.config.axes_dims_rope) * 4  # cos and sin of every token
+    assert final + rotary <= held <= 2 * final + rotary
 
 
 def test_cache_bytes_counts_the_batched_modulation_tables_full_compute_included():
@@ -150,6 +152,7 @@ def test_cache_bytes_counts_the_batched_modulation_tables_full_compute_included(
     widths = [m.linear.out_features for m in loop.transformer.modules() if isinstance(m, adaln)]
     # Every modulation's output and the embedding, for every step (batch 1, float32).
     tables = steps * 4 * (sum(widths) + loop.transformer.inner_dim)
+    tables += 2 * (16 + 8) * sum(loop.transformer.config.axes_dims_rope) * 4  # and the rotary embedding
     acc.attach()
     loop(steps)
     held = cache_bytes(acc)

@@ -114,6 +114,22 @@ def test_all_full_schedule_is_bit_identical_to_the_plain_pipeline(random_family,
     assert np.array_equal(plain, hooked)
 
 
+def test_every_family_with_a_rotary_module_computes_it_once_per_branch(random_family):
+    """lbridge/runtime/rotary.py; FLUX: tests/test_rotary.py."""
+    name, adapter, pipe = random_family
+    acc = accelerate(adapter, pipe, name, "fora", 2.0)
+    try:
+        raw(adapter, pipe, name)
+        hooks = acc.rotary.hooks
+        computed = hooks[0].computed if hooks else None
+    finally:
+        acc.remove()
+    if name in ("hunyuan_video", "wan21_1_3b"):  # Qwen-Image caches its own; PixArt and DiT have none
+        assert computed == calls_per_step(name)
+    else:
+        assert hooks == []
+
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_skip_every_candidate_at_infinite_threshold(random_family, method):
     name, adapter, pipe = random_family

@@ -171,6 +171,17 @@ class ModelAdapter:
         every call against it exactly)."""
         raise LbridgeError(f"model '{self.name}' does not map scheduler timesteps to its step embedding's")
 
+    def rotary_embedding(self, transformer: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that computes the call's rotary position embedding; None: recomputed as the
+        model does (lbridge/runtime/rotary.py)."""
+        return None
+
+    def rotary_inputs(self, call: dict[str, Any], args: tuple, kwargs: dict) -> tuple | None:
+        """What fixes `rotary_embedding`'s output besides its buffers, from the transformer call's
+        keyword arguments (`call`) or the rotary module's own (`args`, `kwargs`); None: unknown for
+        this call (it is computed)."""
+        return None
+
     def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
         """The transformer's output from the final block's hidden output (`arguments`: that block's call)."""
         raise LbridgeError(f"model '{self.name}' does not define its head: use method.loss=block or normed")

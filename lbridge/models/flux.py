@@ -59,6 +59,15 @@ class FluxAdapter(ModelAdapter):
         """FluxPipeline passes `t.to(dtype) / 1000`; the transformer multiplies it back by 1000."""
         return timesteps.to(dtype) / 1000 * 1000
 
+    def rotary_embedding(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
+        return transformer.pos_embed
+
+    def rotary_inputs(self, call: dict[str, Any], args: tuple, kwargs: dict) -> tuple | None:
+        """The transformer concatenates `txt_ids` and `img_ids` into a new tensor at every call: the
+        two it was given decide the embedding (positionally passed: unknown)."""
+        ids = call.get("txt_ids"), call.get("img_ids")
+        return None if ids[0] is None or ids[1] is None else ids
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(block, FluxSingleTransformerBlock):
             return [block.attn, block.proj_mlp]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
@@ -23,6 +24,14 @@ class VideoAdapter(ModelAdapter):
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, **super().pipeline_kwargs()}
+
+    def rotary_embedding(self, transformer: torch.nn.Module) -> torch.nn.Module | None:
+        return getattr(transformer, "rope", None)
+
+    def rotary_inputs(self, call: dict[str, Any], args: tuple, kwargs: dict) -> tuple | None:
+        """Wan's and HunyuanVideo's `rope(hidden_states)` reads the latent's shape and device alone."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        return (tuple(hidden.shape), hidden.device) if isinstance(hidden, torch.Tensor) else None
 
     def generate(self, pipe: DiffusionPipeline, prompt: str, seed: int) -> list[Image.Image]:
         kwargs = {**self.prompt_kwargs(pipe, prompt), **self.pipeline_kwargs(), "output_type": "pil"}

@@ -9,6 +9,7 @@ CFG branches, extra calls or an interrupted sample cannot shift the step index.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.hooks.hooks import CacheContext
@@ -94,6 +95,8 @@ class CacheRuntime:
     #: The current transformer call's `timestep` argument, set by the context hook before `enter_call`:
     #: the clock of a scheduler without `step_index` reads the step from it.
     call_timestep: torch.Tensor | None = None
+    #: The current transformer call's keyword arguments (the rotary cache reads what fixes its output).
+    call_arguments: dict[str, Any] = field(default_factory=dict)
 
     def enter_call(self, branch: str | None) -> CacheContext:
         context = self.clock.context(branch or DEFAULT_BRANCH, self.call_timestep)

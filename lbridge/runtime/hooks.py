@@ -42,6 +42,7 @@ class StepContextHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         pipeline_context = self.branch_state._context
         self.runtime.call_timestep = kwargs.get("timestep")
+        self.runtime.call_arguments = kwargs
         self.runtime.enter_call(pipeline_context.name if pipeline_context is not None else None)
         return args, kwargs
 
