@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers.models.normalization import AdaLayerNormZero
 
 import lbridge
 from lbridge.errors import LbridgeError
@@ -249,6 +250,25 @@ def test_token_chains_run_norms_mlps_and_projections_on_the_refreshed_tokens_and
     torch.testing.assert_close(latents, sites, rtol=1e-6, atol=1e-6)
     # The single blocks' projection runs on the refreshed tokens only: fewer FLOPs, same samples.
     assert cost.full == sites_cost.full and cost.cached < sites_cost.cached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adaln_norm_on_no_tokens_gives_its_gates_without_running_the_norm(dtype):
+    torch.manual_seed(0)
+    norm = AdaLayerNormZero(16)
+    hidden, emb = torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = norm(hidden[:, :0], emb=emb)
+        runtime = CacheRuntime(ManualClock(2), Schedule.parse("Fc"))
+        register(norm, NoTokensHook(runtime), "test.no_tokens")
+        norm_calls = []
+        norm.norm.register_forward_hook(lambda *_: norm_calls.append(1))
+        full = call(runtime, lambda x: norm(x, emb=emb), 0, hidden)
+        cached = call(runtime, lambda x: norm(x, emb=emb), 1, hidden)
+    assert full[0].shape == hidden.shape and len(norm_calls) == 1  # the FULL step normed every token
+    assert cached[0].shape == (2, 0, 16) and cached[0].dtype == expected[0].dtype
+    for got, want in zip(cached[1:], expected[1:], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_with_attention_recomputed_toca_refreshes_the_mlp_sites_without_chains():
