@@ -316,10 +316,8 @@ def _adaln_zero_gates(norm: AdaLayerNormZero, no_tokens: torch.Tensor, emb: torc
     """`AdaLayerNormZero.forward(no_tokens, emb=emb)` as diffusers computes its outputs, norm left out."""
     modulation = norm.linear(norm.silu(emb))
     _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
-    no_tokens = no_tokens.to(
-        torch.promote_types(no_tokens.dtype, modulation.dtype)
-    )  # as norm(x) * scale would
-    return no_tokens, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    dtype = torch.promote_types(no_tokens.dtype, modulation.dtype)  # what norm(x) * (1 + scale) gives
+    return no_tokens.to(dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

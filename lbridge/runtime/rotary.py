@@ -47,7 +47,8 @@ def versions(inputs: tuple) -> tuple | None:
 
 
 def same_inputs(entry: RotaryEntry, inputs: tuple, current: tuple) -> bool:
-    if len(entry.inputs) != len(inputs) or entry.versions != current:
+    """`inputs` (of version counters `current`) are the entry's: tensors the same objects, unwritten."""
+    if entry.versions != current:  # one counter slot per input: a different count differs here too
         return False
     for kept, new in zip(entry.inputs, inputs, strict=True):
         if isinstance(kept, torch.Tensor) or isinstance(new, torch.Tensor):
