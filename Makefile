@@ -26,7 +26,7 @@ demo: install
 	$(LBRIDGE) sample -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
 	$(LBRIDGE) eval model=tiny method=none num_prompts=$(DEMO_PROMPTS)
 	$(LBRIDGE) eval -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) report model=tiny out=results/tiny/demo
+	$(LBRIDGE) report model=tiny out=results/tiny/demo 'regenerate="make demo"'
 
 # The LearniBridge claims on the tiny model (quality vs speed, few-shot, rank, options, low-rank
 # analysis) -> results/tiny/learnibridge_*. About 10 minutes on 2 CPU cores.

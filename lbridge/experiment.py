@@ -75,6 +75,6 @@ def run_row(
 def write_table(out: Path, name: str, rows: list[dict], caption: str, regenerate: str) -> pd.DataFrame:
     """`out/name.csv` and `out/name.md` (caption, how to regenerate, the table)."""
     table = pd.DataFrame(rows)
-    write_csv_md(table, out, name, f"{caption}\n\nRegenerate: {regenerate}\n\n")
+    write_csv_md(table, out, name, f"{caption}\n\nRegenerate: {regenerate}\n\n", regenerate.replace("`", ""))
     print(table.to_string())
     return table

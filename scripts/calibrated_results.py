@@ -110,7 +110,7 @@ def main(parts: list[str]) -> None:
         pareto(results)
         tcc_comparison(results)
     if "plot" in parts:  # redraw from the committed table without rerunning anything
-        pareto(pd.read_csv(OUT / "calibrated.csv"))
+        pareto(pd.read_csv(OUT / "calibrated.csv", comment="#"))
     if "in_sample" in parts:
         tcc_in_sample()
 

@@ -228,7 +228,7 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
     suffix += "-batched-modulation" if args.modulation == "batched" else ""
     stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
-    files = write_csv_md(table, Path(args.out), stem, caption)
+    files = write_csv_md(table, Path(args.out), stem, caption, command)
     print("written:", ", ".join(map(str, files)))
 
 

@@ -225,7 +225,10 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, *compiled])
     load_script("profile_cached_step").main()
     stem = "cpu-cached-step" + ("-compiled" if compiled else "")
-    table = pd.read_csv(tmp_path / f"{stem}.csv")
+    csv = tmp_path / f"{stem}.csv"
+    command = "python scripts/profile_cached_step.py --config flux-tiny"
+    assert csv.read_text().startswith(f"# regenerate: {command}")
+    table = pd.read_csv(csv, comment="#")
     assert table["method"].tolist() == ["fora", "learnibridge"]
     recomputed = table["cached_ms"] / table["flops_share_ms"]  # from 4-decimal csv values
     assert ((table["ratio"] - recomputed).abs() / recomputed).max() < 1e-2
@@ -235,17 +238,14 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     else:  # FORA's CACHED call runs the embeddings and the head; LearniBridge's its bridge as well
         fora, bridge = table.set_index("method").loc[["fora", "learnibridge"], "cached_ops"]
         assert fora < bridge < table["full_ops"].min()
-    assert (
-        "command: `python scripts/profile_cached_step.py --config flux-tiny"
-        in (tmp_path / f"{stem}.md").read_text()
-    )
+    assert f"command: `{command}" in (tmp_path / f"{stem}.md").read_text()
 
 
 def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_path, monkeypatch):
     args = ["--config", "flux-tiny", "--heads", "2,4", "--methods", "fora", "--runs", "1"]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
     load_script("profile_cached_step").main()
-    table = pd.read_csv(tmp_path / "cpu-cached-step-width.csv")
+    table = pd.read_csv(tmp_path / "cpu-cached-step-width.csv", comment="#")
     assert table[["dim", "method"]].values.tolist() == [[32, "fora"], [64, "fora"]]  # 16-wide heads
     widened = with_heads(CONFIGS["flux-tiny"], 4)
     assert widened.transformer == {**CONFIGS["flux-tiny"].transformer, "num_attention_heads": 4}
@@ -309,7 +309,8 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
     args = ["--config", "flux-tiny", "--methods", "toca", "--runs", "1", "--modulation", "batched"]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
     load_script("profile_cached_step").main()
-    assert pd.read_csv(tmp_path / "cpu-cached-step-batched-modulation.csv")["method"].tolist() == ["toca"]
+    table = pd.read_csv(tmp_path / "cpu-cached-step-batched-modulation.csv", comment="#")
+    assert table["method"].tolist() == ["toca"]
     caption = (tmp_path / "cpu-cached-step-batched-modulation.md").read_text()
     assert "both with `modulation=batched`" in caption
 

@@ -92,7 +92,9 @@ def test_table1_dry_run_runs_every_row_and_writes_table_paper_columns_plot_and_g
     """`make reproduce-table1 DRY_RUN=1`: FluxPipeline at toy size, random weights, 2 prompts."""
     assert reproduce(tmp_path, "table=table1_flux", "dry_run=true") == 0
     out = tmp_path / "table"
-    table = pd.read_csv(out / "table.csv")
+    # The csv names how it was made, a dry run included, for whoever holds it without the markdown.
+    assert (out / "table.csv").read_text().startswith("# regenerate: make reproduce-table1 DRY_RUN=1\n")
+    table = pd.read_csv(out / "table.csv", comment="#")
     assert list(table["row"]) == [row.label for row in spec("table1_flux").rows]
     measured = table.set_index("row")
     # Every row ran (no note), each accelerated row is cheaper than full compute, quality is measured.
@@ -109,7 +111,8 @@ def test_table1_dry_run_runs_every_row_and_writes_table_paper_columns_plot_and_g
     assert measured.loc["L2P (N=5)", "paper_psnr"] == pytest.approx(31.459)
     assert pd.isna(measured.loc["LearniBridge (5.87x)", "paper_image_reward"])
     markdown = (out / "table.md").read_text()
-    assert "DRY RUN" in markdown and "arXiv 2508.16211" in markdown and "plumbing only" in markdown
+    assert "DRY RUN" in markdown and "`make reproduce-table1 DRY_RUN=1`" in markdown
+    assert "arXiv 2508.16211" in markdown and "plumbing only" in markdown
     assert "\\toprule" in (out / "table.tex").read_text()
     assert (out / "pareto.png").stat().st_size > 0
     grids = sorted((out / "grid").glob("prompt_*.png"))
@@ -119,7 +122,7 @@ def test_table1_dry_run_runs_every_row_and_writes_table_paper_columns_plot_and_g
 @pytest.mark.parametrize("name", ["table2_hunyuan", "table3_wan"])
 def test_video_tables_dry_run_every_row(name, tmp_path):
     assert reproduce(tmp_path, f"table={name}", "dry_run=true") == 0
-    table = pd.read_csv(tmp_path / "table" / "table.csv")
+    table = pd.read_csv(tmp_path / "table" / "table.csv", comment="#")
     assert list(table["row"]) == [row.label for row in spec(name).rows]
     assert "note" not in table or table["note"].isna().all()  # every row ran
     assert table["psnr"].notna().all() and table["lpips"].notna().all()
@@ -132,7 +135,7 @@ def test_a_row_whose_method_lbridge_lacks_or_cannot_reach_is_listed_with_the_rea
         '{label:magcache,overrides:["method=magcache"],ratios:[6]}]'
     )
     assert reproduce(tmp_path, "table=tiny", "dry_run=true", rows) == 0
-    table = pd.read_csv(tmp_path / "table" / "table.csv").set_index("row")
+    table = pd.read_csv(tmp_path / "table" / "table.csv", comment="#").set_index("row")
     assert table.loc["fora r2", "flops_speedup"] > 2 and pd.isna(table.loc["fora r2", "note"])
     assert table.loc["someday", "note"] == "method 'someday' is not implemented in lbridge yet"
     assert "above the maximum" in table.loc["magcache r6", "note"]

@@ -24,6 +24,7 @@ from lbridge.calibration.trajectories import load_trajectories  # noqa: E402
 from lbridge.commands.collect import collect_trajectories  # noqa: E402
 from lbridge.commands.setup import build_adapter, build_method, plan  # noqa: E402
 from lbridge.prompts import load_prompts  # noqa: E402
+from lbridge.report.tables import write_csv  # noqa: E402
 from lbridge.runs import command_line  # noqa: E402
 
 
@@ -68,13 +69,14 @@ def run(cfg: DictConfig) -> Path:
 
     out = Path(cfg.out) if cfg.out else Path(cfg.output_root) / "analyze" / cfg.model.name
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "low_rank.csv", index=False, float_format="%.4f")
+    regenerate = command_line("analyze")
+    write_csv(table, out / "low_rank.csv", regenerate)
     chance = rank / rows[0]["width"]
     caption = (
         f"Optimal final-block correction y_s - B_L(x^L_f; cond_s) at the CACHED steps of schedule {schedule} "
         f"({cfg.model.name}, width {rows[0]['width']}). overlap = mean cos^2 of the principal angles between "
         f"top-{rank} singular subspaces, averaged over the calibration prompts (itself excluded); "
-        f"random {rank}-dim subspaces give {chance:.3f}. Regenerate: `{command_line('analyze')}`\n\n"
+        f"random {rank}-dim subspaces give {chance:.3f}. Regenerate: `{regenerate}`\n\n"
     )
     markdown = table.drop(columns="prompt").to_markdown(index=False, floatfmt=".3f")
     (out / "low_rank.md").write_text(caption + markdown + "\n")

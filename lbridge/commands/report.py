@@ -124,7 +124,9 @@ def run(cfg: DictConfig) -> Path:
     caption = f"Evaluated runs under {runs}; regenerate: {how}.\n\n"
     notes = metric_notes(root, cfg.model.name)
     caption += "".join(f"- `{name}`: {text}\n" for name, text in notes.items()) + ("\n" if notes else "")
-    files = write_table(table.drop(columns="run"), out, cfg.name, caption, f"{cfg.model.name}: {runs}")
+    regenerate = cfg.regenerate or f"lbridge sample, lbridge eval, {command}"
+    latex = f"{cfg.model.name}: {runs}"
+    files = write_table(table.drop(columns="run"), out, cfg.name, caption, regenerate, latex)
     quality = next((q for q in QUALITY if q in table and table[q].notna().any()), None)
     if quality is not None:
         title = f"model={cfg.model.name}, {runs}"

@@ -136,11 +136,19 @@ def assemble(spec: DictConfig, runs: list[dict], results: list[dict]) -> pd.Data
     return pd.concat([measured[columns], paper], axis=1)
 
 
+def regenerate_command(spec: DictConfig, dry_run: bool) -> str:
+    """The table's make target (`regenerate:`) or the reproduce command; a dry run says it is one."""
+    command = spec.get("regenerate") or f"lbridge reproduce table={spec.name}"
+    if not dry_run:
+        return command
+    return command + (" DRY_RUN=1" if command.startswith("make ") else " dry_run=true")
+
+
 def caption(spec: DictConfig, dry_run: bool, notes: dict[str, str]) -> str:
     text = f"**{spec.title}**" + (
         " — DRY RUN: toy random-weight models, the numbers mean nothing" if dry_run else ""
     )
-    text += f"\n\nRegenerate: `{spec.get('regenerate') or f'lbridge reproduce table={spec.name}'}`.\n"
+    text += f"\n\nRegenerate: `{regenerate_command(spec, dry_run)}`.\n"
     text += "".join(f"- `{name}`: {note}\n" for name, note in notes.items())
     sources = spec.get("sources") or {}
     if sources:
@@ -186,9 +194,11 @@ def run(cfg: DictConfig) -> Path:
     results = measure(spec, runs, cfg.dry_run, cfg.output_root, extra)
     table = assemble(spec, runs, results)
     out = output_dir(cfg)
-    files = write_table(table, out, "table", caption(spec, cfg.dry_run, metric_notes(results)), spec.title)
+    regenerate = regenerate_command(spec, cfg.dry_run)
+    text = caption(spec, cfg.dry_run, metric_notes(results))
+    files = write_table(table, out, "table", text, regenerate, spec.title)
     pareto = spec.get("pareto", {"x": "flops_speedup", "y": "psnr"})
-    footer = f"{spec.title}; regenerate: {spec.get('regenerate') or f'lbridge reproduce table={spec.name}'}"
+    footer = f"{spec.title}; regenerate: {regenerate}"
     plot = pareto_plot(table, out / "pareto.png", pareto["x"], pareto["y"], title=spec.title, footer=footer)
     grid = spec.get("grid", {})
     grids = image_grids(grid_layout(spec, reference, results), out / "grid", grid.get("num_prompts", 4),

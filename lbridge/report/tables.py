@@ -23,20 +23,30 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
     return styler.to_latex(hrules=True, caption=caption.replace("\n", " "), position_float="centering")
 
 
-def write_csv_md(table: pd.DataFrame, out: Path, name: str, caption: str) -> list[Path]:
-    """`out/name.csv` (exact values) and `out/name.md` (`caption`, then the table)."""
+def write_csv_md(table: pd.DataFrame, out: Path, name: str, caption: str, regenerate: str) -> list[Path]:
+    """`out/name.csv` (exact values) and `out/name.md` (`caption`, then the table).
+
+    The csv's first line says how it was made, for whoever holds the csv without the markdown.
+    """
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
-    table.to_csv(csv, index=False, float_format="%.4f")
+    write_csv(table, csv, regenerate)
     md.write_text(caption + to_markdown(table) + "\n")
     return [csv, md]
 
 
+def write_csv(table: pd.DataFrame, path: Path, regenerate: str) -> None:
+    """The exact values, after a `# regenerate: <command>` line (`pd.read_csv(..., comment="#")`)."""
+    with open(path, "w") as f:
+        f.write(f"# regenerate: {regenerate}\n")
+        table.to_csv(f, index=False, float_format="%.4f")
+
+
 def write_table(
-    table: pd.DataFrame, out: Path, name: str, caption: str, latex_caption: str = ""
+    table: pd.DataFrame, out: Path, name: str, caption: str, regenerate: str, latex_caption: str = ""
 ) -> list[Path]:
     """`out/name.{csv,md,tex}`; the markdown starts with `caption` (how it was made, what the metrics are)."""
     tex = out / f"{name}.tex"
-    files = write_csv_md(table, out, name, caption)
+    files = write_csv_md(table, out, name, caption, regenerate)
     tex.write_text(to_latex(table, latex_caption or name) + "\n")
     return [*files, tex]
