@@ -13,7 +13,7 @@
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager, then FORA and ToCa
-#           with modulation=batched; profile-compiled: compiled
+#           with modulation=batched, then ToCa's module by module; profile-compiled: compiled
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
 # RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
@@ -86,7 +86,8 @@ EOF
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@"
-    profile --methods fora,toca --runs 3 --modulation batched "$@" ;;
+    profile --methods fora,toca --runs 3 --modulation batched "$@"
+    profile --methods toca --runs 3 --modules "$@" ;;
   profile-compiled)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
 esac

@@ -5,6 +5,7 @@
     python scripts/profile_cached_step.py --out results/speed      # also <device>-cached-step.{csv,md}
     python scripts/profile_cached_step.py --compile --out results/speed   # <device>-cached-step-compiled
     python scripts/profile_cached_step.py --heads 4,8,16 --out results/speed  # width sweep: ...-width
+    python scripts/profile_cached_step.py --methods toca --modules --out results/speed  # ...-modules
 
 Each transformer call is timed on its own: the median CACHED call of runs of one FULL step then only
 CACHED steps, against the FLOPs share of the median FULL call of all-FULL runs that alternate with
@@ -13,7 +14,9 @@ time (steady on shared cores); CUDA: synchronised wall time. `--compile`: both w
 torch.compile of the speed benchmark (each run installs its own compiled regions). `--profile METHOD`
 prints torch.profiler's op table of that method's run. `--heads`: the config at several widths (heads
 of the same size), one table: the matmuls FLOPs count grow with the square of the width, the work
-they leave out (norms, gates, residual adds, gathers, Python) grows with it or stays.
+they leave out (norms, gates, residual adds, gathers, Python) grows with it or stays. `--modules`:
+instead, each method's CACHED call module by module against each module's own FLOPs share
+(`lbridge.bench.breakdown`): which modules and which block code the excess is made of.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shlex
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
+from lbridge.bench.breakdown import module_breakdown
 from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -157,6 +162,26 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
     return rows
 
 
+def breakdown_config(config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list:
+    """One row per method and module group: the CACHED call's time there against its FLOPs share."""
+    loop = DenoisingLoop(build_transformer(config, device, dtype), config, device, dtype)
+    adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
+    reference = CompiledRegions(planned(loop, adapter, "none", "F" * config.steps, args.modulation), False)
+    rows = []
+    for name in args.methods.split(","):
+        acc = planned(loop, adapter, name, "F" + "c" * (config.steps - 1), args.modulation)
+        method = CompiledRegions(acc, False)
+        full, cached = partial(run_once, loop, reference), partial(run_once, loop, method)
+        table = module_breakdown(loop.transformer, device.type == "cuda", full, cached, len(loop.branches),
+                                 args.runs)  # fmt: skip
+        full_s, cached_s, _ = paired_medians(loop, reference, method, args.runs)  # what the hooks add
+        unhooked = {"module": UNHOOKED, "full_ms": 1000 * full_s, "cached_ms": 1000 * cached_s}
+        table = pd.concat([table, pd.DataFrame([unhooked])], ignore_index=True)
+        print(f"{config.name} {name}: CACHED call by module\n{table.to_string(index=False)}")
+        rows += [{"method": name, **row} for row in table.to_dict("records")]
+    return rows
+
+
 def head_counts(text: str) -> list[int]:
     """`--heads 4,8,16` -> [4, 8, 16]; anything else is refused in one line."""
     try:
@@ -185,6 +210,8 @@ def main() -> None:
     p.add_argument("--modulation", default="per_step", choices=MODULATIONS,
                    help="batched: AdaLN modulations once per run for all steps (both sides)")  # fmt: skip
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
+    p.add_argument("--modules", action="store_true",
+                   help="each CACHED call by module vs the module's FLOPs share (eager only)")  # fmt: skip
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     p.add_argument(
         "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
@@ -192,6 +219,8 @@ def main() -> None:
     args = p.parse_args()
     if args.modulation != "per_step" and args.compile:
         p.error(f"--modulation {args.modulation} is eager only: leave out --compile")
+    if args.modules and (args.compile or args.heads):
+        p.error("--modules times the modules of eager calls at one width: leave out --compile and --heads")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -202,9 +231,30 @@ def main() -> None:
             dim, widened = heads * config.transformer["attention_head_dim"], with_heads(config, heads)
             rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype)]
     else:
-        rows = profile_config(config, args, device, dtype)
+        rows = (breakdown_config if args.modules else profile_config)(config, args, device, dtype)
     if args.out:
         write(pd.DataFrame(rows), args, device, config)
+
+
+UNHOOKED = "(call without the hooks)"
+CALL_COLUMNS = (
+    "- `full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
+    "included: each costs host time whatever its size. `cached_host_ms` (CUDA only): the host's time "
+    "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU"
+)
+MODULE_COLUMNS = (
+    "- `module`: a module of every block (`transformer_blocks.*.ff`) or of the transformer; "
+    "`(block code)`: a block's time beyond its children's (modulation gates, residual adds, "
+    "concatenations, Python, and what a method runs in the block's place: LearniBridge's bridge, a "
+    "LoRA copy of the final block); `(transformer code)`: the call's beyond every row above. `share_ms`: the "
+    "group's FULL time x its own CACHED/FULL FLOPs (0 where its FULL call counts none: norms, "
+    "activations, block code); `excess_ms` = `cached_ms` - `share_ms`; `total`: the sum of the rows. "
+    "Its `share_ms` is not the call's FLOPs share (`full_ms` x `cached_gflop` / `full_gflop` of the "
+    "total): groups differ in time per FLOP, and a group whose FULL time is mostly uncounted work (an "
+    "AdaLN norm: a few FLOPs of modulation, a norm over every token) gets a share its CACHED call may "
+    "undercut. `(call without the hooks)`: the same calls timed without the hooks that time each module "
+    "(medians of as many runs); the `total` above it is the call plus what the hooks cost"
+)
 
 
 def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config) -> None:
@@ -213,19 +263,29 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
     compiled = f"; both with regional torch.compile ({args.compile_backend})" if args.compile else ""
     batched = "; both with `modulation=batched` (AdaLN modulations once per run)"
     batched = batched if args.modulation == "batched" else ""
-    caption = (
-        f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
+    runs = (
         f"medians over {args.runs} runs of 1 FULL + {config.steps - 1} CACHED steps, alternating with "
-        f"{args.runs} all-FULL runs (`full_ms`){compiled}{batched}.\n\n"
-        f"- command: `{command}`\n- config: {config.name} ({config.note})"
+        f"{args.runs} all-FULL runs"
+    )
+    if args.modules:
+        what = (
+            f"Each CACHED call module by module, {clock} inside each module group (hooks at every module "
+            f"boundary): {runs}; FLOPs counted in one more run of each{batched}."
+        )
+    else:
+        what = (
+            f"Time per CACHED call vs its FLOPs share of a FULL call, {clock} of each transformer call: "
+            f"{runs} (`full_ms`){compiled}{batched}."
+        )
+    caption = (
+        f"{what}\n\n- command: `{command}`\n- config: {config.name} ({config.note})"
         f"{'; widths: the `dim` column (heads of the same size)' if args.heads else ''}\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n"
-        "- `full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
-        "included: each costs host time whatever its size. `cached_host_ms` (CUDA only): the host's time "
-        "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU\n\n"
+        f"{MODULE_COLUMNS if args.modules else CALL_COLUMNS}\n\n"
     )
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
+    suffix += "-modules" if args.modules else ""
     suffix += "-batched-modulation" if args.modulation == "batched" else ""
     stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
     files = write_csv_md(table, Path(args.out), stem, caption, command)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import torch
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
 from lbridge.api import Accelerator
+from lbridge.bench.breakdown import module_breakdown, tracked_modules
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -268,7 +270,11 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
         (
             "profile",
             ["--methods", "fora", "--runs", "1"],
-            [f"cpu-cached-step{kind}.{ext}" for kind in ("", "-batched-modulation") for ext in ("csv", "md")],
+            [
+                f"cpu-cached-step{kind}.{ext}"
+                for kind in ("", "-batched-modulation", "-modules")
+                for ext in ("csv", "md")
+            ],
         ),
     ],
 )
@@ -303,6 +309,61 @@ def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monk
     assert f"argument --heads: '{heads}' is not a comma-separated list of positive head counts" in (
         capsys.readouterr().err
     )
+
+
+def test_a_module_group_holds_a_module_of_every_block():
+    transformer = build_transformer(CONFIGS["flux-tiny"], torch.device("cpu"), torch.float32)
+    groups = tracked_modules(transformer)
+    assert groups["transformer_blocks.*.ff"] == [block.ff for block in transformer.transformer_blocks]
+    assert groups["single_transformer_blocks.*"] == list(transformer.single_transformer_blocks)
+    assert groups["proj_out"] == [transformer.proj_out]
+    assert not any(name.count(".") > 2 for name in groups)  # down to a block's children, no deeper
+
+
+def test_a_module_breakdown_attributes_a_call_and_its_flops_to_module_groups():
+    script, config = load_script("profile_cached_step"), CONFIGS["flux-tiny"]
+    loop = DenoisingLoop(build_transformer(config, torch.device("cpu"), torch.float32), config,
+                         torch.device("cpu"), torch.float32)  # fmt: skip
+    adapter, steps = adapter_for(loop.transformer)(name="t"), config.steps
+    reference = CompiledRegions(script.planned(loop, adapter, "none", "F" * steps, "per_step"), False)
+    acc = script.planned(loop, adapter, "toca", "F" + "c" * (steps - 1), "per_step")
+    method = CompiledRegions(acc, False)
+    table = module_breakdown(loop.transformer, False, partial(script.run_once, loop, reference),
+                             partial(script.run_once, loop, method), first_cached=1, runs=1)  # fmt: skip
+    rows = table.set_index("module")
+    # The rows add up to the FULL and the CACHED call the cost model counts: the right calls are read.
+    assert rows.loc["total", "full_gflop"] * 1e9 == pytest.approx(acc.cost.full)
+    assert rows.loc["total", "cached_gflop"] * 1e9 == pytest.approx(acc.cost.cached)
+    # Every FLOP is inside a listed module: block code (gates, residual adds) counts none.
+    code = [
+        "transformer_blocks.* (block code)",
+        "single_transformer_blocks.* (block code)",
+        "(transformer code)",
+    ]
+    assert (rows.loc[code, ["full_gflop", "cached_gflop"]] == 0).all().all()
+    # ToCa's CACHED call: the attention reused, the feed-forward on the refreshed tokens alone.
+    assert rows.loc["transformer_blocks.*.attn", "cached_gflop"] == 0
+    ff = rows.loc["transformer_blocks.*.ff"]
+    assert 0 < ff["cached_gflop"] < ff["full_gflop"]
+    assert ff["share_ms"] == pytest.approx(ff["full_ms"] * ff["cached_gflop"] / ff["full_gflop"])
+    assert table["module"].iloc[-1] == "total" and (table["cached_ms"].iloc[:-1] >= 0).all()
+
+
+def test_the_module_breakdown_writes_its_own_file_and_is_eager_only(tmp_path, monkeypatch, capsys):
+    args = ["--config", "flux-tiny", "--methods", "fora,toca", "--runs", "1", "--modules"]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
+    load_script("profile_cached_step").main()
+    table = pd.read_csv(tmp_path / "cpu-cached-step-modules.csv", comment="#")
+    last = table.groupby("method", sort=False)["module"].agg(lambda modules: list(modules)[-2:])
+    assert last.to_dict() == {m: ["total", "(call without the hooks)"] for m in ("fora", "toca")}
+    assert (
+        "`(block code)`: a block's time beyond its children's"
+        in (tmp_path / "cpu-cached-step-modules.md").read_text()
+    )
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--modules", "--compile"])
+    with pytest.raises(SystemExit):
+        load_script("profile_cached_step").main()
+    assert "--modules times the modules of eager calls at one width" in capsys.readouterr().err
 
 
 def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tmp_path, monkeypatch):

@@ -15,12 +15,12 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 # torch counts the CUDA attention kernels but not the CPU flash kernel that
 # F.scaled_dot_product_attention dispatches to on CPU: without this, attention would count 0 here.
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Total FLOPs (multiply-add = 2) of everything `fn` runs, attention included on CPU and CUDA."""
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.no_grad():
         fn()
     return int(counter.get_total_flops())
 
