@@ -131,18 +131,14 @@ def medians(calls: list[dict[str, tuple[float, int]]]) -> Stats:
     }
 
 
-def breakdown_table(
-    full: dict[str, tuple[float, float]], cached: dict[str, tuple[float, float]]
-) -> pd.DataFrame:
+def breakdown_table(full: Stats, cached: Stats) -> pd.DataFrame:
     """One row per group: FULL and CACHED time and FLOPs; `share_ms`, the group's FULL time scaled by
     its own FLOPs ratio (0 where its FULL call counts no FLOPs); `excess_ms`, what the CACHED call
     spends beyond it. Sorted by excess, a total row last."""
     rows = []
     for group in dict.fromkeys([*full, *cached]):
-        (full_s, full_flops), (cached_s, cached_flops) = (
-            full.get(group, (0.0, 0)),
-            cached.get(group, (0.0, 0)),
-        )
+        full_s, full_flops = full.get(group, (0.0, 0))
+        cached_s, cached_flops = cached.get(group, (0.0, 0))
         share = full_s * cached_flops / full_flops if full_flops else 0.0
         rows.append({"module": group, "full_ms": 1000 * full_s, "cached_ms": 1000 * cached_s,
                      "full_gflop": full_flops / 1e9, "cached_gflop": cached_flops / 1e9,
