@@ -26,7 +26,9 @@ from lbridge.bench.calibrate import time_bridge_fit
 from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, BenchConfig, build_transformer
 from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench
+from lbridge.io import atomic_write_bytes
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
+from lbridge.report.tables import to_markdown
 from lbridge.runtime.modulation import MODULATIONS
 
 
@@ -92,15 +94,15 @@ def header(args: argparse.Namespace, config: BenchConfig, device: torch.device, 
 
 
 def write_results(rows: list[dict[str, Any]], lines: list[str], out: Path, stem: str) -> pd.DataFrame:
-    out.mkdir(parents=True, exist_ok=True)
+    """`out/stem.csv` and `.md`, each replaced whole (a run killed while it rewrites them after a row,
+    or a copy taken meanwhile, holds the previous rows, never a torn file: scripts/gpu_run.sh copies
+    them off the device as they change)."""
     table = pd.DataFrame(rows, columns=list(COLUMNS)).dropna(axis=1, how="all")
-    with open(out / f"{stem}.csv", "w") as f:
-        f.writelines(f"# {line}\n" for line in lines)
-        table.to_csv(f, index=False, float_format="%.4f")
+    comments = "".join(f"# {line}\n" for line in lines)
+    csv = comments + table.to_csv(index=False, float_format="%.4f")
+    atomic_write_bytes(out / f"{stem}.csv", csv.encode())
     text = "\n".join(f"- {line}" for line in lines)
-    shown = table.astype(object).where(table.notna(), None)  # blank cells, not "nan"
-    markdown = shown.to_markdown(index=False, floatfmt=".3f", missingval="")
-    (out / f"{stem}.md").write_text(f"# Speed: {stem}\n\n{text}\n\n{markdown}\n")
+    atomic_write_bytes(out / f"{stem}.md", f"# Speed: {stem}\n\n{text}\n\n{to_markdown(table)}\n".encode())
     return table
 
 

@@ -14,8 +14,12 @@
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager, then FORA and ToCa
 #           with modulation=batched, then ToCa's module by module; profile-compiled: compiled
+# Files are copied to $OUT as they are written (every MIRROR_S seconds), not only at the end: the
+# device tool kills a command at its time limit and brings back what $OUT holds then, so a part cut
+# short still hands back the rows its script had written (bench_speed.py rewrites its csv after every row).
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
-# RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`). Without .gpu-kit/ the installed packages are used.
+# RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`),
+# MIRROR_S (5). Without .gpu-kit/ the installed packages are used.
 set -euo pipefail
 part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
@@ -45,6 +49,30 @@ mkdir -p "$results"
 before=$(mktemp)
 touch "$before"
 sleep 1  # files written from here on are newer than $before
+mkdir -p "$OUT"
+
+# Copy the files written since $before that changed since their last copy into $OUT, each through a
+# temporary name and a rename, so $OUT never holds half a file (the scripts' own temporaries, named
+# '.*', are left out).
+handed_back() {
+  local f name
+  while IFS= read -r f; do
+    name=$(basename "$f")
+    if [ ! -e "$OUT/$name" ] || [ "$f" -nt "$OUT/$name" ]; then
+      cp -p "$f" "$OUT/.$name.part" && mv -f "$OUT/.$name.part" "$OUT/$name"
+    fi
+  done < <(find "$results" -maxdepth 1 -type f -newer "$before" ! -name '.*')
+}
+# At the end, failed or not: the last copy (a part that fails after some rows hands those back too).
+finish() {
+  kill "$mirror" 2>/dev/null || true
+  wait "$mirror" 2>/dev/null || true
+  handed_back
+  echo "written to $OUT:" && ls "$OUT"
+}
+(while sleep "${MIRROR_S:-5}"; do handed_back; done) &
+mirror=$!
+trap finish EXIT
 
 bench() { "$PYTHON" scripts/bench_speed.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
 profile() { "$PYTHON" scripts/profile_cached_step.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
@@ -91,7 +119,3 @@ EOF
   profile-compiled)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
 esac
-
-mkdir -p "$OUT"
-find "$results" -maxdepth 1 -type f -newer "$before" -exec cp {} "$OUT/" \;
-echo "written to $OUT:" && ls "$OUT"

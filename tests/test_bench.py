@@ -5,8 +5,10 @@ Timings are never asserted (they depend on the machine and its load); FLOPs are 
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -254,13 +256,16 @@ def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_p
     assert build_transformer(widened, torch.device("cpu"), torch.float32).inner_dim == 64
 
 
-def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def gpu_run_command(part: str, *args: str, tmp_path: Path) -> dict:
     """scripts/gpu_run.sh (docs/gpu.md) on this CPU at flux-tiny size, writing under `tmp_path`."""
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CONFIG": "flux-tiny",
            "COMPILE_BACKEND": "eager", "OUT": str(tmp_path / "out"),
-           "RESULTS": str(tmp_path / "results")}  # fmt: skip
-    command = ["bash", str(ROOT / "scripts" / "gpu_run.sh"), part, *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+           "RESULTS": str(tmp_path / "results"), "MIRROR_S": "1"}  # fmt: skip
+    return {"args": ["bash", str(ROOT / "scripts" / "gpu_run.sh"), part, *args], "cwd": ROOT, "env": env}
+
+
+def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(**gpu_run_command(part, *args, tmp_path=tmp_path), capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(
@@ -293,6 +298,26 @@ def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "cpu-bridge.csv", comment="#")
     assert table["method"].tolist() == ["none", "learnibridge"]
     assert table.loc[1, "calibrate_s"] > 0
+
+
+def test_a_gpu_part_killed_at_its_time_limit_still_hands_back_the_rows_written_so_far(tmp_path):
+    # The device tool kills a command at its limit and brings back only what $OUT holds by then.
+    command = gpu_run_command("stack", "--repeats", "2", tmp_path=tmp_path)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    run = subprocess.Popen(**command, **quiet, start_new_session=True)
+    handed_back, deadline = tmp_path / "out" / "cpu-stack.csv", time.monotonic() + 300
+    try:
+        while not handed_back.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, "the part ended before anything was handed back while it ran"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    rows = pd.read_csv(handed_back, comment="#")
+    assert rows["method"].iloc[0] == "none"
+    assert len(rows) < 1 + 5 * 5  # cut short: not every method's five ratios
+    for copy in (tmp_path / "out").glob("[!.]*"):  # under its own name, a copy is a whole file
+        assert copy.read_text().endswith("\n") and "none" in copy.read_text()
 
 
 def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):

@@ -1,10 +1,16 @@
-"""One table, three files: csv (exact values), markdown (caption + table), LaTeX (booktabs tabular)."""
+"""One table, three files: csv (exact values), markdown (caption + table), LaTeX (booktabs tabular).
+
+Each file is replaced whole (`atomic_write_bytes`): a run killed while writing, or a copy taken
+meanwhile (scripts/gpu_run.sh hands files back as they change), sees the old file or the new one.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+
+from lbridge.io import atomic_write_bytes
 
 
 def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
@@ -31,15 +37,14 @@ def write_csv_md(table: pd.DataFrame, out: Path, name: str, caption: str, regene
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     write_csv(table, csv, regenerate)
-    md.write_text(caption + to_markdown(table) + "\n")
+    atomic_write_bytes(md, (caption + to_markdown(table) + "\n").encode())
     return [csv, md]
 
 
 def write_csv(table: pd.DataFrame, path: Path, regenerate: str) -> None:
     """The exact values, after a `# regenerate: <command>` line (`pd.read_csv(..., comment="#")`)."""
-    with open(path, "w") as f:
-        f.write(f"# regenerate: {regenerate}\n")
-        table.to_csv(f, index=False, float_format="%.4f")
+    text = f"# regenerate: {regenerate}\n" + table.to_csv(index=False, float_format="%.4f")
+    atomic_write_bytes(path, text.encode())
 
 
 def write_table(
@@ -48,5 +53,5 @@ def write_table(
     """`out/name.{csv,md,tex}`; the markdown starts with `caption` (how it was made, what the metrics are)."""
     tex = out / f"{name}.tex"
     files = write_csv_md(table, out, name, caption, regenerate)
-    tex.write_text(to_latex(table, latex_caption or name) + "\n")
+    atomic_write_bytes(tex, (to_latex(table, latex_caption or name) + "\n").encode())
     return [*files, tex]
