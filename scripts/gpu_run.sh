@@ -12,7 +12,8 @@
 # others:   eager ToCa, TeaCache, FirstBlockCache, MagCache
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
-# profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager, then FORA and ToCa
+# profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager (ToCa also with its
+#           blocks under their modules' hooks: toca:fused_blocks=false), then FORA and ToCa
 #           with modulation=batched, then ToCa's module by module; profile-compiled: compiled
 # Files are copied to $OUT as they are written (every MIRROR_S seconds), not only at the end: the
 # device tool kills a command at its time limit and brings back what $OUT holds then, so a part cut
@@ -113,7 +114,7 @@ EOF
   compiled)
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)
-    profile --methods fora,toca,learnibridge,fbcache --runs 3 "$@"
+    profile --methods fora,toca,toca:fused_blocks=false,learnibridge,fbcache --runs 3 "$@"
     profile --methods fora,toca --runs 3 --modulation batched "$@"
     profile --methods toca --runs 3 --modules "$@" ;;
   profile-compiled)

@@ -6,6 +6,7 @@
     python scripts/profile_cached_step.py --compile --out results/speed   # <device>-cached-step-compiled
     python scripts/profile_cached_step.py --heads 4,8,16 --out results/speed  # width sweep: ...-width
     python scripts/profile_cached_step.py --methods toca --modules --out results/speed  # ...-modules
+    python scripts/profile_cached_step.py --methods toca,toca:fused_blocks=false   # a parameter overridden
 
 Each transformer call is timed on its own: the median CACHED call of runs of one FULL step then only
 CACHED steps, against the FLOPs share of the median FULL call of all-FULL runs that alternate with
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
@@ -123,8 +125,8 @@ def dispatched_ops(loop: DenoisingLoop, contender: CompiledRegions) -> dict[str,
     return {"full_ops": counts[0], "cached_ops": int(statistics.median(counts[first_cached:]))}
 
 
-def planned(loop: DenoisingLoop, adapter, name: str, pattern: str, modulation: str) -> Accelerator:
-    method = load_method(name, **method_params(name, loop.config.steps))
+def planned(loop: DenoisingLoop, adapter, name: str, pattern: str, modulation: str, **params) -> Accelerator:
+    method = load_method(name, **{**method_params(name, loop.config.steps), **params})
     acc = Accelerator(loop, method, adapter, modulation)
     acc.plan(1.0, {"num_inference_steps": loop.config.steps})
     acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
@@ -140,26 +142,46 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
     reference = planned(loop, adapter, "none", "F" * steps, args.modulation)
     reference = CompiledRegions(reference, args.compile, **options)
     rows = []
-    for name in args.methods.split(","):
-        acc = planned(loop, adapter, name, "F" + "c" * (steps - 1), args.modulation)
+    for spec in args.methods.split(","):
+        name, params = method_spec(spec)
+        acc = planned(loop, adapter, name, "F" + "c" * (steps - 1), args.modulation, **params)
         method = CompiledRegions(acc, args.compile, **options)
         full, cached, host = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
-            f"{config.name} {name:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
+            f"{config.name} {spec:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
             f"{1000 * predicted:7.2f} ms (FULL call {1000 * full:.2f} ms)"
         )
-        rows.append({"method": name, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
+        rows.append({"method": spec, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
                      "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted,
                      "full_ms": 1000 * full, "cached_host_ms": None if host is None else 1000 * host,
                      **({} if args.compile else dispatched_ops(loop, method))})  # fmt: skip
-        if name == args.profile:
+        if spec == args.profile:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with method.installed(), profile(activities=activities) as prof:
                 acc.reset()
                 loop(steps)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     return rows
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """`toca:fused_blocks=false` -> ("toca", {"fused_blocks": False}): a method with parameters of its
+    config overridden (values read as YAML), to time two variants of one method side by side."""
+    name, *overrides = spec.split(":")
+    params = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not (sep and key):
+            raise SystemExit(f"--methods: '{spec}' is not METHOD or METHOD:KEY=VALUE[:KEY=VALUE...]")
+        params[key] = yaml.safe_load(value)
+    return name, params
+
+
+def breakdown_params(name: str) -> dict:
+    """ToCa's blocks run under their modules' hooks for the breakdown: its one-forward blocks (the
+    default, `fused_blocks`) call the chains' modules unhooked, where no module boundary records them."""
+    return {"fused_blocks": False} if name == "toca" else {}
 
 
 def breakdown_config(config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list:
@@ -169,7 +191,9 @@ def breakdown_config(config, args: argparse.Namespace, device: torch.device, dty
     reference = CompiledRegions(planned(loop, adapter, "none", "F" * config.steps, args.modulation), False)
     rows = []
     for name in args.methods.split(","):
-        acc = planned(loop, adapter, name, "F" + "c" * (config.steps - 1), args.modulation)
+        acc = planned(
+            loop, adapter, name, "F" + "c" * (config.steps - 1), args.modulation, **breakdown_params(name)
+        )
         method = CompiledRegions(acc, False)
         full, cached = partial(run_once, loop, reference), partial(run_once, loop, method)
         table = module_breakdown(loop.transformer, device.type == "cuda", full, cached, len(loop.branches),

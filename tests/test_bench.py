@@ -336,6 +336,32 @@ def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monk
     )
 
 
+def test_a_method_with_a_parameter_overridden_is_profiled_beside_the_default(monkeypatch, tmp_path):
+    args = [
+        "--config",
+        "flux-tiny",
+        "--methods",
+        "toca,toca:fused_blocks=false",
+        "--runs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
+    load_script("profile_cached_step").main()
+    table = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#")
+    assert table["method"].tolist() == ["toca", "toca:fused_blocks=false"]
+    # The same work either way: the one-forward blocks dispatch no more operations than the hooked ones.
+    assert table["cached_ops"].iloc[0] <= table["cached_ops"].iloc[1]
+    script = load_script("profile_cached_step")
+    assert script.method_spec("toca:fused_blocks=false:refresh_ratio=0.2") == (
+        "toca",
+        {"fused_blocks": False, "refresh_ratio": 0.2},
+    )
+    with pytest.raises(SystemExit, match="'toca:fused' is not METHOD or METHOD:KEY=VALUE"):
+        script.method_spec("toca:fused")
+
+
 def test_a_module_group_holds_a_module_of_every_block():
     transformer = build_transformer(CONFIGS["flux-tiny"], torch.device("cpu"), torch.float32)
     groups = tracked_modules(transformer)
@@ -351,7 +377,9 @@ def test_a_module_breakdown_attributes_a_call_and_its_flops_to_module_groups():
                          torch.device("cpu"), torch.float32)  # fmt: skip
     adapter, steps = adapter_for(loop.transformer)(name="t"), config.steps
     reference = CompiledRegions(script.planned(loop, adapter, "none", "F" * steps, "per_step"), False)
-    acc = script.planned(loop, adapter, "toca", "F" + "c" * (steps - 1), "per_step")
+    acc = script.planned(
+        loop, adapter, "toca", "F" + "c" * (steps - 1), "per_step", **script.breakdown_params("toca")
+    )
     method = CompiledRegions(acc, False)
     table = module_breakdown(loop.transformer, False, partial(script.run_once, loop, reference),
                              partial(script.run_once, loop, method), first_cached=1, runs=1)  # fmt: skip

@@ -214,22 +214,29 @@ def test_a_chain_whose_exit_does_not_get_the_refreshed_tokens_is_an_error():
         call(runtime, block, 1, tokens(1))
 
 
-def run_bench_toca(config_name: str, chains: bool, **params):
-    """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hook types, loop)."""
+def run_bench_toca(
+    config_name: str, chains: bool, dtype=torch.float32, modulation="per_step", watch=None, **params
+):
+    """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hook types, loop).
+
+    `watch(transformer)` runs before the sampling loop, after the plan's calls (to count calls)."""
     from lbridge.api import Accelerator
     from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
     from lbridge.models.base import adapter_for
 
     config = CONFIGS[config_name]
     torch.manual_seed(0)
-    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
-    loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+    transformer = build_transformer(config, torch.device("cpu"), dtype)
+    loop = DenoisingLoop(transformer, config, torch.device("cpu"), dtype)
     adapter = adapter_for(transformer)(name="t")
     if not chains:
         adapter.token_chains = lambda block: []
-    acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25, **params), adapter)
+    params = {"refresh_ratio": 0.25, **params}
+    acc = Accelerator(loop, load_method("toca", **params), adapter, modulation)
     acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
     acc.attach()
+    if watch is not None:
+        watch(transformer)
     try:
         with torch.no_grad():
             latents = loop(config.steps)
@@ -250,6 +257,40 @@ def test_token_chains_run_norms_mlps_and_projections_on_the_refreshed_tokens_and
     torch.testing.assert_close(latents, sites, rtol=1e-6, atol=1e-6)
     # The single blocks' projection runs on the refreshed tokens only: fewer FLOPs, same samples.
     assert cost.full == sites_cost.full and cost.cached < sites_cost.cached
+
+
+@pytest.mark.parametrize(
+    "refresh_ratio, dtype, modulation",
+    [
+        (0.25, torch.float32, "per_step"),
+        (0.25, torch.bfloat16, "per_step"),
+        (0.25, torch.float32, "batched"),
+        (0.0, torch.float32, "per_step"),
+        (1.0, torch.float32, "per_step"),
+    ],
+)
+def test_a_flux_block_at_a_cached_step_runs_as_one_forward_and_samples_what_its_hooked_modules_do(
+    refresh_ratio, dtype, modulation
+):
+    norm1_calls = []
+
+    def watch(transformer):  # norm1 feeds only the reused attention: the one forward never calls it
+        transformer.transformer_blocks[0].norm1.register_forward_pre_hook(lambda *_: norm1_calls.append(1))
+
+    options = {"refresh_ratio": refresh_ratio, "dtype": dtype, "modulation": modulation, "watch": watch}
+    fused, _, hooks, loop = run_bench_toca("flux-tiny", chains=True, **options)
+    fused_norm1_calls, norm1_calls[:] = len(norm1_calls), []
+    hooked, _, plain_hooks, _ = run_bench_toca("flux-tiny", chains=True, fused_blocks=False, **options)
+    blocks = len(loop.transformer.transformer_blocks) + len(loop.transformer.single_transformer_blocks)
+    assert hooks.count(toca.ReusedAttentionBlockHook) == blocks
+    assert toca.ReusedAttentionBlockHook not in plain_hooks
+    assert torch.equal(fused, hooked)
+    assert (fused_norm1_calls, len(norm1_calls)) == (3, 8)  # flux-tiny's 8 steps at ratio 1: FFcccFcc
+
+
+def test_families_without_a_reused_attention_forward_keep_their_blocks_own():
+    _, _, hooks, _ = run_bench_toca("hunyuan-tiny", chains=True)
+    assert ChainExitHook in hooks and toca.ReusedAttentionBlockHook not in hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -392,6 +433,7 @@ def test_toca_at_ratio_2_on_the_tiny_model_differs_from_full_compute_but_stays_c
         ({"score": "attention"}, r"unknown method.score 'attention' \(accepted: age, static\)"),
         ({"tie_break": "random"}, r"unknown method.tie_break 'random' \(accepted: spread, raster\)"),
         ({"attention": "tokens"}, r"unknown method.attention 'tokens' \(accepted: reuse, recompute\)"),
+        ({"fused_blocks": "yes"}, r"method.fused_blocks='yes' must be true or false"),
     ],
 )
 def test_bad_hyperparameters_are_a_one_line_error(params, message):

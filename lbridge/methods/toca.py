@@ -39,6 +39,13 @@ refreshing the MLP sites alone (tested), and what ToCa's own FLUX code does; it 
 blocks' projection FLOPs and the norms, modulation, concatenation and GELU over every token, which
 FLOPs do not count. With `attention=recompute`, or without chains, the MLP sites are refreshed.
 
+One-forward blocks (`ModelAdapter.reused_attention_forward`: FLUX; `fused_blocks=True`, the
+default): at a CACHED step the block runs as one forward of the family's own arithmetic, reading the
+kept outputs and the refreshed tokens of the hooks above and calling the chains' modules unhooked.
+Bit-identical to the block under those hooks (tested); what it saves is host time, the dispatch of
+~10 hooked module calls per block (docs/design.md, "Overheads removed" (6)). The hooks still run the
+FULL steps. `fused_blocks=False` keeps the blocks' own forwards (the module breakdown times those).
+
 Token-wise and attention modules are told apart by type: diffusers attention modules
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
 tokens along dim 1 (true of every adapter's `attn_mlp_sites`). `refresh_ratio=0` samples what FORA
@@ -60,6 +67,7 @@ from diffusers.models.normalization import AdaLayerNormZero
 
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
+from lbridge.models.base import ReusedAttentionStep
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
@@ -212,12 +220,17 @@ class TokenRefreshHook(ModelHook):
             output = run(hidden)
             self._fill(branch, hidden, output)
             return output
-        ages = self.ages.get(branch)
-        _check_cached_call(ages, runtime, hidden)
-        index = ages.refresh(runtime.step, refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
+        index = self.refreshed(hidden)
         if self.compact:
             return run(_gathered(hidden, index))
         return _update(self.outputs[branch], index, lambda: run(_gathered(hidden, index)))
+
+    def refreshed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """At a CACHED step: the tokens of `hidden` (dim 1) recomputed at this step, picked once."""
+        runtime = self.runtime
+        ages = self.ages.get(runtime.branch)
+        _check_cached_call(ages, runtime, hidden)
+        return ages.refresh(runtime.step, refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
 
     def _fill(self, branch: str, hidden: torch.Tensor, output) -> None:
         tokens = output[0] if self.compact and isinstance(output, tuple) else output  # AdaLN: (x, gates)
@@ -320,6 +333,54 @@ def _adaln_zero_gates(norm: AdaLayerNormZero, no_tokens: torch.Tensor, emb: torc
     return no_tokens.to(dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
+class ChainAtStep:
+    """A token chain at one CACHED call of its block, run by the block's reused-attention forward
+    (`ModelAdapter.reused_attention_forward`): the work of its hooks, without their dispatch."""
+
+    def __init__(
+        self, entry: TokenRefreshHook, exit_hook: ChainExitHook, attention: GatherReuseHook | None
+    ) -> None:
+        self.entry_hook, self.exit_hook, self.attention_hook = entry, exit_hook, attention
+        self.entry = entry.fn_ref.original_forward
+        self.index = None
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.index = self.entry_hook.refreshed(tokens)
+        return _gathered(tokens, self.index)
+
+    def exit(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.exit_hook.outputs[self.exit_hook.runtime.branch]
+        return _update(cache, self.index, lambda: self.exit_hook.fn_ref.original_forward(tokens))
+
+    def attention(self) -> torch.Tensor:
+        return _gathered(self.attention_hook.outputs[self.attention_hook.runtime.branch], self.index)
+
+
+class ReusedAttentionBlockHook(ModelHook):
+    """On a block whose family has a reused-attention forward: CACHED step runs it, with the kept
+    outputs and refreshed tokens of the hooks on the block's modules, which run the FULL steps.
+
+    Same arithmetic as the block under those hooks (bit-identical, tested), without their dispatch:
+    at FLUX.1-dev's depth on CPU, ToCa's CACHED call 13% shorter (docs/design.md, "Overheads removed")."""
+
+    def __init__(
+        self,
+        runtime: CacheRuntime,
+        forward: Callable[..., object],
+        attention: ReuseOutputHook | None,
+        chains: list[tuple[TokenRefreshHook, ChainExitHook, GatherReuseHook | None]],
+    ) -> None:
+        super().__init__()
+        self.runtime, self.forward, self.attention, self.chains = runtime, forward, attention, chains
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.runtime.is_full:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        attention = None if self.attention is None else self.attention.stored()
+        step = ReusedAttentionStep(attention, [ChainAtStep(*hooks) for hooks in self.chains])
+        return self.forward(module, step, *args, **kwargs)
+
+
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The tokens `index` (dim 1); all of them: `tokens` itself, no copy."""
     return tokens if index.numel() == tokens.shape[1] else tokens.index_select(1, index)
@@ -372,8 +433,11 @@ class ToCa(CacheMethod):
         tie_break: str = "spread",
         attention: str = "reuse",
         name: str = "toca",
+        fused_blocks: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(fused_blocks, bool):
+            raise LbridgeError(f"method.fused_blocks={fused_blocks!r} must be true or false")
         if isinstance(refresh_ratio, bool) or not isinstance(refresh_ratio, int | float):
             raise LbridgeError(f"method.refresh_ratio={refresh_ratio!r} must be a number in [0, 1]")
         if not 0.0 <= refresh_ratio <= 1.0:
@@ -387,6 +451,8 @@ class ToCa(CacheMethod):
                 raise LbridgeError(f"unknown method.{key} '{value}' (accepted: {', '.join(accepted)})")
         self.refresh_ratio = float(refresh_ratio)
         self.score, self.tie_break, self.attention = score, tie_break, attention
+        # Not in describe(): the same samples either way (bit-identical), only the host time differs.
+        self.fused_blocks = fused_blocks
         self.book = TokenAgeBook(tie_break)  # one pick per step for all token-wise modules of a length
 
     def install(self, transformer, adapter, runtime) -> None:
@@ -408,18 +474,24 @@ class ToCa(CacheMethod):
         """With the attention reused, a block's token-wise stretches (norm to MLP, and in parallel
         blocks to the output projection) run on the refreshed tokens alone, and the norms that only
         feed the attention run on none: ToCa's own FLUX code does the same."""
-        joined = []
+        joined, hooks, reused = [], [], []
         for chain in chains:
             entry = self.add_hook(chain.entry, self._entry(runtime, compact=True), "tokens")
-            self.add_hook(chain.exit, ChainExitHook(runtime, entry), "exit")
+            exit_hook = self.add_hook(chain.exit, ChainExitHook(runtime, entry), "exit")
+            gather = None
             if chain.attention is not None:
-                self.add_hook(chain.attention, GatherReuseHook(runtime, entry, chain), "attention")
+                gather = self.add_hook(chain.attention, GatherReuseHook(runtime, entry, chain), "attention")
                 joined.append(chain.attention)
+            hooks.append((entry, exit_hook, gather))
         for module in adapter.attn_mlp_sites(block):
             if is_attention(module) and not any(module is a for a in joined):
-                self.add_hook(module, ReuseOutputHook(runtime), "attention")
+                reused.append(self.add_hook(module, ReuseOutputHook(runtime), "attention"))
         for module in adapter.attention_inputs(block):
             self.add_hook(module, NoTokensHook(runtime), "attention_input")
+        forward = adapter.reused_attention_forward(block) if self.fused_blocks else None
+        if forward is not None and len(reused) <= 1:
+            block_hook = ReusedAttentionBlockHook(runtime, forward, reused[0] if reused else None, hooks)
+            self.add_hook(block, block_hook, "block")
 
     def describe(self) -> dict:
         return {

@@ -8,7 +8,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from diffusers import DiffusionPipeline
@@ -153,6 +153,14 @@ class ModelAdapter:
         depend on the tokens). A method that reuses the attention output can run them on no tokens."""
         return []
 
+    def reused_attention_forward(self, block: torch.nn.Module) -> Callable[..., Any] | None:
+        """The block's forward at a step whose attention outputs are reused and whose token chains run
+        on the refreshed tokens (ToCa's CACHED step), called as `forward(block, step, *args,
+        **kwargs)` with a `ReusedAttentionStep`: the block's own arithmetic, its chains' modules
+        called unhooked. None: the block's own forward runs, its modules' hooks doing the same work
+        at a few microseconds of host time each (docs/design.md, "Speed benchmark")."""
+        return None
+
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """TeaCache's change indicator: the first block's timestep-modulated input.
 
@@ -214,6 +222,35 @@ class TokenChain:
     #: token order; `split` is its inverse (from a tensor of any number of tokens).
     join: Callable[[Any], torch.Tensor] = _itself
     split: Callable[[torch.Tensor], Any] = _itself
+
+
+class ChainStep(Protocol):
+    """One token chain of a block at a CACHED step (`ReusedAttentionStep`), in the order the block
+    runs it: `gather` its input tokens, `entry` on them, then `exit` on what the block made of them."""
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The refreshed tokens of the chain's input (picked at this call)."""
+        ...
+
+    def entry(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The entry module's own forward on the gathered tokens."""
+        ...
+
+    def exit(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The exit module on the refreshed tokens' input, written into its kept output: every token's."""
+        ...
+
+    def attention(self) -> torch.Tensor:
+        """Parallel blocks: the attention's reused output (`TokenChain.join`) at the refreshed tokens."""
+        ...
+
+
+@dataclass
+class ReusedAttentionStep:
+    """What `ModelAdapter.reused_attention_forward` computes a block from instead of its attention."""
+
+    attention: Any  # the attention module's reused output, as the module returned it (None: parallel)
+    chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
 
 
 def dual_stream_chains(block: torch.nn.Module) -> list[TokenChain]:

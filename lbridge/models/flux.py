@@ -11,10 +11,18 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from diffusers.models.normalization import AdaLayerNormZero
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from lbridge.calibration.trajectories import bind_block_arguments
-from lbridge.models.base import ModelAdapter, TokenChain, dual_stream_chains, single_stream_chain
+from lbridge.models.base import (
+    ChainStep,
+    ModelAdapter,
+    ReusedAttentionStep,
+    TokenChain,
+    dual_stream_chains,
+    single_stream_chain,
+)
 from lbridge.models.offline import evaluated, word_tokenizer
 
 
@@ -80,6 +88,76 @@ class FluxAdapter(ModelAdapter):
 
     def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.norm1, block.norm1_context] if isinstance(block, FluxTransformerBlock) else []
+
+    def reused_attention_forward(self, block: torch.nn.Module):
+        if isinstance(block, FluxSingleTransformerBlock):
+            return single_block_reused
+        norms = (getattr(block, "norm1", None), getattr(block, "norm1_context", None))
+        if isinstance(block, FluxTransformerBlock) and all(_gates_alone(norm) for norm in norms):
+            return double_block_reused
+        return None
+
+
+# The two block forwards below are diffusers' FluxTransformerBlock / FluxSingleTransformerBlock
+# forwards at a CACHED step, operation for operation in the same order (bit-identical to the blocks
+# running under ToCa's module hooks, tested), without dispatching the hooks of the ~10 modules a
+# block calls: at FLUX.1-dev's depth that dispatch was an eighth of a CACHED call's host time.
+
+
+def double_block_reused(
+    block: FluxTransformerBlock, step: ReusedAttentionStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, *_: Any, **__: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The double block with its attention reused: `norm1`'s gates alone, each stream's chain
+    (`norm2 -> modulation -> ff`) on its refreshed tokens."""
+    attn_output, context_attn_output, *ip_attn_output = step.attention
+    image, text = step.chains
+    hidden_states = _stream(hidden_states, attn_output, _gates(block.norm1, temb), image)
+    if ip_attn_output:  # an IP-Adapter's attention output, added after the MLP as diffusers does
+        hidden_states = hidden_states + ip_attn_output[0]
+    context_gates = _gates(block.norm1_context, temb)
+    encoder_hidden_states = _stream(encoder_hidden_states, context_attn_output, context_gates, text)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def single_block_reused(
+    block: FluxSingleTransformerBlock, step: ReusedAttentionStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, *_: Any, **__: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The single block on its refreshed tokens: `norm -> proj_mlp -> act_mlp -> cat with the
+    reused attention -> proj_out`; every token's gated residual from the kept `proj_out` output."""
+    (chain,) = step.chains
+    text_seq_len = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
+    mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
+    joined = torch.cat([chain.attention(), mlp_hidden_states], dim=2)
+    hidden_states = residual + gate.unsqueeze(1) * chain.exit(joined)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _gates_alone(norm: torch.nn.Module | None) -> bool:
+    """An AdaLN whose modulation comes from `emb` alone (FLUX's; not one embedding the timestep)."""
+    return type(norm) is AdaLayerNormZero and norm.emb is None
+
+
+def _gates(norm: AdaLayerNormZero, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`norm(x, emb=temb)`'s gates, shifts and scales for the MLP, as it computes them (no tokens)."""
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+    return gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _stream(x: torch.Tensor, attn: torch.Tensor, gates: tuple, chain: ChainStep) -> torch.Tensor:
+    """One stream of the double block after its attention: gated residual, then the chain's MLP."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = gates
+    x = x + gate_msa.unsqueeze(1) * attn
+    norm_x = chain.entry(chain.gather(x))
+    norm_x = norm_x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return x + gate_mlp.unsqueeze(1) * chain.exit(norm_x)
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

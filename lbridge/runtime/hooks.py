@@ -64,6 +64,11 @@ class ReuseOutputHook(ModelHook):
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.outputs[branch] = output
             return output
+        return self.stored()
+
+    def stored(self) -> Any:
+        """The output kept for the current CFG branch."""
+        branch = self.runtime.branch
         if branch not in self.outputs:
             raise RuntimeError(f"CACHED step {self.runtime.step} on branch '{branch}' before any FULL step")
         return self.outputs[branch]
