@@ -63,11 +63,10 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
-from diffusers.models.normalization import AdaLayerNormZero
 
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
-from lbridge.models.base import ReusedAttentionStep
+from lbridge.models.base import ReusedAttentionStep, adaln_zero_modulation, modulation_alone
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
@@ -320,16 +319,15 @@ class NoTokensHook(ModelHook):
         hidden, run = _split_tokens(self, args, kwargs)
         if self.runtime.is_full:
             return run(hidden)
-        if type(module) is AdaLayerNormZero and module.emb is None and kwargs.get("emb") is not None:
+        if modulation_alone(module) and kwargs.get("emb") is not None:
             return _adaln_zero_gates(module, hidden[:, :0], kwargs["emb"])
         return run(hidden[:, :0])
 
 
-def _adaln_zero_gates(norm: AdaLayerNormZero, no_tokens: torch.Tensor, emb: torch.Tensor) -> tuple:
+def _adaln_zero_gates(norm: torch.nn.Module, no_tokens: torch.Tensor, emb: torch.Tensor) -> tuple:
     """`AdaLayerNormZero.forward(no_tokens, emb=emb)` as diffusers computes its outputs, norm left out."""
-    modulation = norm.linear(norm.silu(emb))
-    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
-    dtype = torch.promote_types(no_tokens.dtype, modulation.dtype)  # what norm(x) * (1 + scale) gives
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero_modulation(norm, emb)
+    dtype = torch.promote_types(no_tokens.dtype, gate_msa.dtype)  # what norm(x) * (1 + scale) gives
     return no_tokens.to(dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
@@ -342,7 +340,7 @@ class ChainAtStep:
     ) -> None:
         self.entry_hook, self.exit_hook, self.attention_hook = entry, exit_hook, attention
         self.entry = entry.fn_ref.original_forward
-        self.index = None
+        self.index: torch.Tensor | None = None  # set by `gather`, first in every call (ChainStep)
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         self.index = self.entry_hook.refreshed(tokens)
@@ -371,14 +369,14 @@ class ReusedAttentionBlockHook(ModelHook):
         chains: list[tuple[TokenRefreshHook, ChainExitHook, GatherReuseHook | None]],
     ) -> None:
         super().__init__()
-        self.runtime, self.forward, self.attention, self.chains = runtime, forward, attention, chains
+        self.runtime, self.forward, self.attention = runtime, forward, attention
+        self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: each call re-gathers
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
             return self.fn_ref.original_forward(*args, **kwargs)
         attention = None if self.attention is None else self.attention.stored()
-        step = ReusedAttentionStep(attention, [ChainAtStep(*hooks) for hooks in self.chains])
-        return self.forward(module, step, *args, **kwargs)
+        return self.forward(module, ReusedAttentionStep(attention, self.chains), *args, **kwargs)
 
 
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.normalization import AdaLayerNormZero
 from PIL import Image
 
 from lbridge.calibration.trajectories import block_hidden_input
@@ -251,6 +252,17 @@ class ReusedAttentionStep:
 
     attention: Any  # the attention module's reused output, as the module returned it (None: parallel)
     chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
+
+
+def modulation_alone(norm: torch.nn.Module | None) -> bool:
+    """A diffusers `AdaLayerNormZero` whose modulation comes from the `emb` it is given alone (FLUX's
+    and HunyuanVideo's `norm1`, `norm1_context`), not from an embedding of the timestep of its own."""
+    return type(norm) is AdaLayerNormZero and norm.emb is None
+
+
+def adaln_zero_modulation(norm: AdaLayerNormZero, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Its six chunks as its forward computes them: shift, scale, gate of the attention, then of the MLP."""
+    return norm.linear(norm.silu(emb)).chunk(6, dim=1)
 
 
 def dual_stream_chains(block: torch.nn.Module) -> list[TokenChain]:

@@ -11,7 +11,6 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from diffusers.models.normalization import AdaLayerNormZero
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from lbridge.calibration.trajectories import bind_block_arguments
@@ -20,7 +19,9 @@ from lbridge.models.base import (
     ModelAdapter,
     ReusedAttentionStep,
     TokenChain,
+    adaln_zero_modulation,
     dual_stream_chains,
+    modulation_alone,
     single_stream_chain,
 )
 from lbridge.models.offline import evaluated, word_tokenizer
@@ -93,7 +94,7 @@ class FluxAdapter(ModelAdapter):
         if isinstance(block, FluxSingleTransformerBlock):
             return single_block_reused
         norms = (getattr(block, "norm1", None), getattr(block, "norm1_context", None))
-        if isinstance(block, FluxTransformerBlock) and all(_gates_alone(norm) for norm in norms):
+        if isinstance(block, FluxTransformerBlock) and all(modulation_alone(norm) for norm in norms):
             return double_block_reused
         return None
 
@@ -140,14 +141,9 @@ def single_block_reused(
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
-def _gates_alone(norm: torch.nn.Module | None) -> bool:
-    """An AdaLN whose modulation comes from `emb` alone (FLUX's; not one embedding the timestep)."""
-    return type(norm) is AdaLayerNormZero and norm.emb is None
-
-
-def _gates(norm: AdaLayerNormZero, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`norm(x, emb=temb)`'s gates, shifts and scales for the MLP, as it computes them (no tokens)."""
-    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+def _gates(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`norm(x, emb=temb)`'s attention gate and MLP modulation (no tokens: the attention is reused)."""
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero_modulation(norm, temb)
     return gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
