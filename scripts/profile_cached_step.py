@@ -42,6 +42,7 @@ from lbridge.bench.device import device_name, file_stem
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import method_params
+from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
 from lbridge.report.tables import write_csv_md
@@ -245,6 +246,12 @@ def main() -> None:
         p.error(f"--modulation {args.modulation} is eager only: leave out --compile")
     if args.modules and (args.compile or args.heads):
         p.error("--modules times the modules of eager calls at one width: leave out --compile and --heads")
+    for spec in args.methods.split(","):  # before minutes of timing: a bad name or key is one line
+        name, params = method_spec(spec)
+        try:
+            load_method(name, **{**method_params(name, CONFIGS[args.config].steps), **params})
+        except LbridgeError as err:
+            p.error(f"--methods: {err}")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

@@ -362,6 +362,24 @@ def test_a_method_with_a_parameter_overridden_is_profiled_beside_the_default(mon
         script.method_spec("toca:fused")
 
 
+@pytest.mark.parametrize(
+    "methods, message",
+    [
+        ("fora,toca:bogus=1", "ToCa.__init__() got an unexpected keyword argument 'bogus'"),
+        ("nosuch", "unknown method 'nosuch' (accepted: fbcache"),
+        ("toca:fused_blocks=maybe", "method.fused_blocks='maybe' must be true or false"),
+    ],
+)
+def test_a_bad_method_or_parameter_is_refused_in_one_line_before_any_timing(
+    monkeypatch, capsys, methods, message
+):
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--config", "flux-tiny", "--methods", methods])
+    with pytest.raises(SystemExit):
+        load_script("profile_cached_step").main()
+    err = capsys.readouterr().err
+    assert "error: --methods: " in err and message in err and "Traceback" not in err
+
+
 def test_a_module_group_holds_a_module_of_every_block():
     transformer = build_transformer(CONFIGS["flux-tiny"], torch.device("cpu"), torch.float32)
     groups = tracked_modules(transformer)
