@@ -23,6 +23,7 @@ from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
+from lbridge.config import group_options
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
@@ -134,6 +135,28 @@ def test_cached_steps_never_recompile(table):
     assert len(compiled) > 0
     assert (compiled["recompiles"] == 0).all()
     assert (compiled["graph_breaks"] == 0).all()
+
+
+@pytest.mark.parametrize("name", [m for m in group_options("method") if m != "none"])
+def test_every_method_runs_compiled_as_it_runs_eager_without_recompiling_or_breaking_a_graph(name):
+    """Regional compile under the hooks serves every method, not only those the bench times compiled:
+    the graphs built at the warm-up run are all its CACHED and FULL steps replay, and (dynamo's eager
+    backend: the same operations, from graphs) they compute the eager run's latents bit for bit."""
+    acc, loop = planned(name)
+    steps = loop.config.steps
+    acc.plan(2.0, {"num_inference_steps": steps})
+    assert "c" in str(acc.runtime.schedule)
+    with CompiledRegions(acc, False).installed():
+        eager = loop(steps).clone()
+    compiled = CompiledRegions(acc, True, backend="eager")
+    with compiled.installed():
+        compiled.stats.mark_warm(lambda: (acc.reset(), loop(steps)))
+        acc.reset()
+        latents = loop(steps)
+    compiled.stats.mark_timed()
+    assert compiled.stats.row()["recompiles"] == 0
+    assert compiled.stats.row()["graph_breaks"] == 0
+    assert torch.equal(latents, eager)
 
 
 def test_cache_bytes_counts_what_the_hooks_hold():
