@@ -76,8 +76,11 @@ def regions(acc: Accelerator) -> list[torch.nn.Module]:
         hooked = hooked_modules(acc.transformer)
     finally:
         acc.remove()
-    block_ids = {id(b) for b in blocks}
-    inner = [m for m in hooked if id(m) not in block_ids]
+    # Only a hook *inside* a block makes a method site-level. Hooks outside the blocks (the rotary
+    # embedding's, always on) are no reason to leave the blocks eager, and their module is not
+    # worth a graph: it runs once per sample.
+    inside = {id(m) for block in blocks for m in block.modules() if m is not block}
+    inner = [m for m in hooked if id(m) in inside]
     found = inner if inner else list(blocks)
     extra = getattr(acc.method, "cached_step_modules", list)()  # LearniBridge's bridges
     return found + extra
