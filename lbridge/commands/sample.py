@@ -151,9 +151,11 @@ def _generate(
     stats.mark_timed()
     if stats.enabled:
         counts = stats.row()
+        # 0 new graphs is no failure: regions whose graphs this process already built (full
+        # compute's blocks, for a block-level method) replay them.
         print(
-            f"torch.compile: {counts['graphs']} graphs, {counts['recompiles']} built during the timed "
-            f"generations, {counts['graph_breaks']} graph breaks ({label})"
+            f"torch.compile: {stats.regions} regions, {counts['graphs']} new graphs, {counts['recompiles']} "
+            f"built during the timed generations, {counts['graph_breaks']} graph breaks ({label})"
         )
 
 

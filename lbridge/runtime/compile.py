@@ -38,6 +38,7 @@ class CompileStats:
     """Graphs compiled for one method: in its warm-up runs, and (recompiles) in its timed runs."""
 
     enabled: bool
+    regions: int = 0  # modules whose forward is compiled
     start: tuple[int, int] = (0, 0)
     warm: tuple[int, int] = (0, 0)
     end: tuple[int, int] = (0, 0)
@@ -105,6 +106,7 @@ class CompiledRegions:
         self.stats = CompileStats(enabled, start=dynamo_counts())
         modules = regions(acc) if enabled else []
         self.compiled = [(module, torch.compile(module.forward, **options)) for module in modules]
+        self.stats.regions = len(self.compiled)
 
     @contextmanager
     def installed(self) -> Iterator[Accelerator]:
