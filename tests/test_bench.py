@@ -107,7 +107,13 @@ def test_columns_and_rows(table):
         assert column in frame.columns
     eager = frame[frame["mode"] == "eager"]
     assert set(eager["method"]) == {"none", *METHODS.split(",")}
-    assert set(frame[frame["mode"] == "compiled"]["method"]) == {"none", "fora", "toca", "learnibridge"}
+    compiled = frame[frame["mode"] == "compiled"]
+    assert set(compiled["method"]) == {"none", "fora", "toca", "learnibridge"}
+    regions = compiled.dropna(subset=["regions"]).groupby("method")["regions"].agg(set).to_dict()
+    blocks = 3  # flux-tiny: 1 double + 2 single blocks
+    assert regions["none"] == regions["fora"] == {blocks}
+    assert regions["learnibridge"] == {blocks + 1}  # and its bridge
+    assert min(regions["toca"]) > blocks  # the sites inside the blocks
     timed = frame.dropna(subset=["latency_speedup"])
     assert (timed["efficiency"] - timed["latency_speedup"] / timed["flops_speedup"]).abs().max() < 1e-3
     assert (eager[eager["method"] == "learnibridge"]["calibrate_s"].dropna() > 0).any()

@@ -52,7 +52,8 @@ DEFAULT_METHODS = (
 COLUMNS = (
     "method", "ratio_target", "mode", "schedule", "flops_speedup", "latency_speedup", "efficiency",
     "latency_s", "reference_s", "latency_spread", "cpu_time_speedup", "cpu_efficiency", "cache_mb",
-    "peak_mem_gb", "host_syncs", "calibrate_s", "graphs", "recompiles", "graph_breaks", "load_avg", "note",
+    "peak_mem_gb", "host_syncs", "calibrate_s", "regions", "graphs", "recompiles", "graph_breaks", "load_avg",
+    "note",
 )  # fmt: skip
 
 

@@ -154,8 +154,9 @@ def _generate(
         # 0 new graphs is no failure: regions whose graphs this process already built (full
         # compute's blocks, for a block-level method) replay them.
         print(
-            f"torch.compile: {stats.regions} regions, {counts['graphs']} new graphs, {counts['recompiles']} "
-            f"built during the timed generations, {counts['graph_breaks']} graph breaks ({label})"
+            f"torch.compile: {counts['regions']} regions, {counts['graphs']} new graphs, "
+            f"{counts['recompiles']} built during the timed generations, "
+            f"{counts['graph_breaks']} graph breaks ({label})"
         )
 
 

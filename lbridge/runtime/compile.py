@@ -54,8 +54,8 @@ class CompileStats:
 
     def row(self) -> dict[str, int | None]:
         if not self.enabled:
-            return {"graphs": None, "recompiles": None, "graph_breaks": None}
-        return {"graphs": self.end[0] - self.start[0], "recompiles": self.recompiles,
+            return {"regions": None, "graphs": None, "recompiles": None, "graph_breaks": None}
+        return {"regions": self.regions, "graphs": self.end[0] - self.start[0], "recompiles": self.recompiles,
                 "graph_breaks": self.end[1] - self.start[1]}  # fmt: skip
 
 
