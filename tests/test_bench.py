@@ -54,9 +54,9 @@ def table(tmp_path_factory):
 
 
 def planned(
-    name: str, loop: DenoisingLoop | None = None, modulation: str = "per_step", config: str = "flux-tiny"
+    name: str, loop: DenoisingLoop | None = None, modulation: str = "per_step", config_name: str = "flux-tiny"
 ):
-    config = CONFIGS[config] if loop is None else loop.config
+    config = CONFIGS[config_name] if loop is None else loop.config
     if loop is None:
         transformer = build_transformer(config, torch.device("cpu"), torch.float32)
         loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
@@ -187,7 +187,7 @@ def test_every_method_runs_compiled_as_it_runs_eager_without_recompiling_or_brea
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
 def test_a_block_level_method_compiles_every_block_of_the_video_families_too(config):
     """Their rotary embedding's hook sits outside the blocks, as FLUX's does: the blocks are the regions."""
-    acc, loop = planned("fora", config=config)
+    acc, loop = planned("fora", config_name=config)
     acc.plan(2.0, {"num_inference_steps": loop.config.steps})
     assert [id(m) for m in regions(acc)] == [id(b) for b in acc.adapter.blocks(acc.transformer)]
 
