@@ -184,6 +184,41 @@ def test_every_method_runs_compiled_as_it_runs_eager_without_recompiling_or_brea
     assert torch.equal(latents, eager)
 
 
+def test_a_toca_cached_call_runs_each_one_forward_block_as_one_compiled_graph():
+    """ToCa's one-forward blocks (`CachedBlockForward`) are regions of their own: at a CACHED call a
+    block is one graph, its chains' modules and cache writes inside it. The step's bookkeeping (the
+    tokens picked, the kept outputs) runs before it, so the graph does not guard on the step."""
+    acc, loop = planned("toca")
+    steps = loop.config.steps
+    acc.plan(3.0, {"num_inference_steps": steps})
+    schedule = str(acc.runtime.schedule)
+    assert schedule.count("c") >= 2
+    blocks = acc.adapter.blocks(acc.transformer)
+    compiled = CompiledRegions(acc, True, backend=counted_graphs)
+    cached_blocks = acc.method.cached_step_modules()
+    assert len(cached_blocks) == len(blocks)
+    assert all(any(region is module for region in regions(acc)) for module in cached_blocks)
+    per_call: list[int] = []  # graph runs in each transformer call
+    start = loop.transformer.register_forward_pre_hook(lambda *_: per_call.append(-len(GRAPH_RUNS)))
+    end = loop.transformer.register_forward_hook(lambda *_: per_call.append(per_call.pop() + len(GRAPH_RUNS)))
+    try:
+        with compiled.installed():
+            compiled.stats.mark_warm(lambda: (acc.reset(), loop(steps)))
+            GRAPH_RUNS.clear()
+            per_call.clear()
+            acc.reset()
+            loop(steps)
+    finally:
+        start.remove()
+        end.remove()
+    compiled.stats.mark_timed()
+    assert compiled.stats.row()["recompiles"] == 0
+    assert compiled.stats.row()["graph_breaks"] == 0
+    assert len(per_call) == len(schedule)
+    cached_calls = [runs for runs, kind in zip(per_call, schedule, strict=True) if kind == "c"]
+    assert cached_calls == [len(blocks)] * schedule.count("c")
+
+
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
 def test_a_block_level_method_compiles_every_block_of_the_video_families_too(config):
     """Their rotary embedding's hook sits outside the blocks, as FLUX's does: the blocks are the regions."""

@@ -288,6 +288,33 @@ def test_a_flux_block_at_a_cached_step_runs_as_one_forward_and_samples_what_its_
     assert (fused_norm1_calls, len(norm1_calls)) == (3, 8)  # flux-tiny's 8 steps at ratio 1: FFcccFcc
 
 
+def test_the_one_forward_blocks_are_those_of_the_transformer_installed_on_and_kept_across_installs():
+    """They are the regions regional compile compiles for ToCa's CACHED calls: a reinstall on the same
+    transformer keeps them (and their compiled forwards), another transformer gets its own."""
+    from lbridge.api import Accelerator
+    from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+    from lbridge.models.base import adapter_for
+
+    config, method = CONFIGS["flux-tiny"], load_method("toca")
+
+    def installed_on(transformer) -> list[torch.nn.Module]:
+        loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
+        acc = Accelerator(loop, method, adapter_for(transformer)(name="t"), "per_step")
+        acc.plan(1.0, {"num_inference_steps": config.steps})
+        acc.attach()
+        acc.remove()
+        return method.cached_step_modules()
+
+    def blocks(transformer) -> list[torch.nn.Module]:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    first, second = (build_transformer(config, torch.device("cpu"), torch.float32) for _ in range(2))
+    modules = installed_on(first)
+    assert [m.block for m in modules] == blocks(first)
+    assert installed_on(first) == modules  # the same objects
+    assert [m.block for m in installed_on(second)] == blocks(second)
+
+
 def test_families_without_a_reused_attention_forward_keep_their_blocks_own():
     _, _, hooks, _ = run_bench_toca("hunyuan-tiny", chains=True)
     assert ChainExitHook in hooks and toca.ReusedAttentionBlockHook not in hooks

@@ -44,7 +44,10 @@ default): at a CACHED step the block runs as one forward of the family's own ari
 kept outputs and the refreshed tokens of the hooks above and calling the chains' modules unhooked.
 Bit-identical to the block under those hooks (tested); what it saves is host time, the dispatch of
 ~10 hooked module calls per block (docs/design.md, "Overheads removed" (6)). The hooks still run the
-FULL steps. `fused_blocks=False` keeps the blocks' own forwards (the module breakdown times those).
+FULL steps. Under regional compilation (`runtime.compile=true`) the one-forward block is a region of
+its own (`CachedBlockForward`): a CACHED block is one graph, the step's bookkeeping (the tokens
+picked, the kept outputs made writable) done before it, outside. `fused_blocks=False` keeps the
+blocks' own forwards (the module breakdown times those).
 
 Token-wise and attention modules are told apart by type: diffusers attention modules
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
@@ -127,6 +130,12 @@ class CachedOutput:
             self.output.index_copy_(1, index, fresh)
         else:
             self.output, self.owned = self.output.index_copy(1, index, fresh), True
+
+    def writable(self) -> torch.Tensor:
+        """The output, owned (copied once after the FULL step that made it) to be written in place."""
+        if not self.owned:
+            self.output, self.owned = self.output.clone(), True
+        return self.output
 
     def replace(self, output: torch.Tensor) -> torch.Tensor:
         self.output, self.owned = output, True
@@ -224,12 +233,13 @@ class TokenRefreshHook(ModelHook):
             return run(_gathered(hidden, index))
         return _update(self.outputs[branch], index, lambda: run(_gathered(hidden, index)))
 
-    def refreshed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """At a CACHED step: the tokens of `hidden` (dim 1) recomputed at this step, picked once."""
+    def refreshed(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """At a CACHED step: the tokens (dim 1) recomputed at this step, picked once; checked
+        against `hidden`, the module's input, when given."""
         runtime = self.runtime
         ages = self.ages.get(runtime.branch)
         _check_cached_call(ages, runtime, hidden)
-        return ages.refresh(runtime.step, refresh_count(self.refresh_ratio, hidden.shape[1]), self.score)
+        return ages.refresh(runtime.step, refresh_count(self.refresh_ratio, ages.age.numel()), self.score)
 
     def _fill(self, branch: str, hidden: torch.Tensor, output) -> None:
         tokens = output[0] if self.compact and isinstance(output, tuple) else output  # AdaLN: (x, gates)
@@ -333,25 +343,58 @@ def _adaln_zero_gates(norm: torch.nn.Module, no_tokens: torch.Tensor, emb: torch
 
 class ChainAtStep:
     """A token chain at one CACHED call of its block, run by the block's reused-attention forward
-    (`ModelAdapter.reused_attention_forward`): the work of its hooks, without their dispatch."""
+    (`ModelAdapter.reused_attention_forward`): the work of its hooks, without their dispatch.
+
+    `prepare` does the step's bookkeeping (the tokens to refresh, the kept output made writable)
+    before the forward runs, so the forward reads tensors alone: compiled, it does not guard on the
+    step, and one graph serves every CACHED step of every block of its class.
+    """
 
     def __init__(
         self, entry: TokenRefreshHook, exit_hook: ChainExitHook, attention: GatherReuseHook | None
     ) -> None:
         self.entry_hook, self.exit_hook, self.attention_hook = entry, exit_hook, attention
         self.entry = entry.fn_ref.original_forward
-        self.index: torch.Tensor | None = None  # set by `gather`, first in every call (ChainStep)
+        self.exit_forward = exit_hook.fn_ref.original_forward
+        # Set by `prepare`, before every CACHED call of the block.
+        self.index: torch.Tensor | None = None  # the refreshed tokens, increasing
+        self.kept: torch.Tensor | None = None  # the exit's output, every token, written in place
+        self.reused: torch.Tensor | None = None  # parallel blocks: the attention's FULL output, joined
+
+    def prepare(self) -> None:
+        branch = self.entry_hook.runtime.branch
+        self.index = self.entry_hook.refreshed()
+        self.kept = self.exit_hook.outputs[branch].writable()
+        if self.attention_hook is not None:
+            self.reused = self.attention_hook.outputs[branch]
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.index = self.entry_hook.refreshed(tokens)
+        if tokens.shape[1] != self.kept.shape[1]:
+            raise RuntimeError(f"toca: input {tuple(tokens.shape)} does not match the cached tokens")
         return _gathered(tokens, self.index)
 
     def exit(self, tokens: torch.Tensor) -> torch.Tensor:
-        cache = self.exit_hook.outputs[self.exit_hook.runtime.branch]
-        return _update(cache, self.index, lambda: self.exit_hook.fn_ref.original_forward(tokens))
+        if self.index.numel():  # none: the kept output as it is (refresh_ratio=0 is FORA's reuse)
+            self.kept.index_copy_(1, self.index, self.exit_forward(tokens).to(self.kept.dtype))
+        return self.kept
 
     def attention(self) -> torch.Tensor:
-        return _gathered(self.attention_hook.outputs[self.attention_hook.runtime.branch], self.index)
+        return _gathered(self.reused, self.index)
+
+    def forget(self) -> None:
+        self.index = self.kept = self.reused = None
+
+
+class CachedBlockForward(torch.nn.Module):
+    """A block's reused-attention forward as a module of its own: what its CACHED calls run, and so
+    what regional compilation compiles for them (`ToCa.cached_step_modules`)."""
+
+    def __init__(self, block: torch.nn.Module, forward: Callable[..., object]) -> None:
+        super().__init__()
+        self.block, self.run = block, forward
+
+    def forward(self, step: ReusedAttentionStep, *args, **kwargs):
+        return self.run(self.block, step, *args, **kwargs)
 
 
 class ReusedAttentionBlockHook(ModelHook):
@@ -359,24 +402,31 @@ class ReusedAttentionBlockHook(ModelHook):
     outputs and refreshed tokens of the hooks on the block's modules, which run the FULL steps.
 
     Same arithmetic as the block under those hooks (bit-identical, tested), without their dispatch:
-    at FLUX.1-dev's depth on CPU, ToCa's CACHED call 13% shorter (docs/design.md, "Overheads removed")."""
+    at FLUX.1-dev's depth on CPU, ToCa's CACHED call 13% shorter eager, half as long compiled
+    (docs/design.md, "Overheads removed")."""
 
     def __init__(
         self,
         runtime: CacheRuntime,
-        forward: Callable[..., object],
+        forward: CachedBlockForward,
         attention: ReuseOutputHook | None,
         chains: list[tuple[TokenRefreshHook, ChainExitHook, GatherReuseHook | None]],
     ) -> None:
         super().__init__()
         self.runtime, self.forward, self.attention = runtime, forward, attention
-        self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: each call re-gathers
+        self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: prepared at each call
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
             return self.fn_ref.original_forward(*args, **kwargs)
+        for chain in self.chains:
+            chain.prepare()
         attention = None if self.attention is None else self.attention.stored()
-        return self.forward(module, ReusedAttentionStep(attention, self.chains), *args, **kwargs)
+        return self.forward(ReusedAttentionStep(attention, self.chains), *args, **kwargs)
+
+    def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains
+        for chain in self.chains:
+            chain.forget()
 
 
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -400,10 +450,10 @@ def _refreshed_by(site: TokenRefreshHook, runtime: CacheRuntime) -> torch.Tensor
     return ages.refreshed
 
 
-def _check_cached_call(ages: TokenAges | None, runtime: CacheRuntime, hidden: torch.Tensor) -> None:
+def _check_cached_call(ages: TokenAges | None, runtime: CacheRuntime, hidden: torch.Tensor | None) -> None:
     if ages is None:
         raise RuntimeError(f"CACHED step {runtime.step} on branch '{runtime.branch}' before any FULL step")
-    if hidden.shape[1] != ages.age.numel():
+    if hidden is not None and hidden.shape[1] != ages.age.numel():
         raise RuntimeError(f"toca: input {tuple(hidden.shape)} does not match the cached tokens")
 
 
@@ -452,8 +502,13 @@ class ToCa(CacheMethod):
         # Not in describe(): the same samples either way (bit-identical), only the host time differs.
         self.fused_blocks = fused_blocks
         self.book = TokenAgeBook(tie_break)  # one pick per step for all token-wise modules of a length
+        # The one-forward blocks of the transformer installed on, by block; the next install on the
+        # same blocks takes them over (`kept_blocks`), so a compiled one keeps its graphs.
+        self.cached_blocks: dict[int, CachedBlockForward] = {}
+        self.kept_blocks: dict[int, CachedBlockForward] = {}
 
     def install(self, transformer, adapter, runtime) -> None:
+        self.kept_blocks, self.cached_blocks = self.cached_blocks, {}
         for block in adapter.blocks(transformer):
             chains = adapter.token_chains(block) if self.attention == "reuse" else []
             if chains:
@@ -488,8 +543,16 @@ class ToCa(CacheMethod):
             self.add_hook(module, NoTokensHook(runtime), "attention_input")
         forward = adapter.reused_attention_forward(block) if self.fused_blocks else None
         if forward is not None and len(reused) <= 1:
-            block_hook = ReusedAttentionBlockHook(runtime, forward, reused[0] if reused else None, hooks)
+            cached = self.kept_blocks.get(id(block))
+            if cached is None or cached.block is not block or cached.run is not forward:
+                cached = CachedBlockForward(block, forward)
+            self.cached_blocks[id(block)] = cached
+            block_hook = ReusedAttentionBlockHook(runtime, cached, reused[0] if reused else None, hooks)
             self.add_hook(block, block_hook, "block")
+
+    def cached_step_modules(self) -> list[torch.nn.Module]:
+        """The one-forward blocks' CACHED-step modules (regional compilation's regions for them)."""
+        return list(self.cached_blocks.values())
 
     def describe(self) -> dict:
         return {

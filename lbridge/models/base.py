@@ -158,8 +158,10 @@ class ModelAdapter:
         """The block's forward at a step whose attention outputs are reused and whose token chains run
         on the refreshed tokens (ToCa's CACHED step), called as `forward(block, step, *args,
         **kwargs)` with a `ReusedAttentionStep`: the block's own arithmetic, its chains' modules
-        called unhooked. None: the block's own forward runs, its modules' hooks doing the same work
-        at a few microseconds of host time each (docs/design.md, "Speed benchmark")."""
+        called unhooked. It reads the step's tensors alone (Python state of the cache stays out of
+        it), so regional compilation makes it one graph. None: the block's own forward runs, its
+        modules' hooks doing the same work at a few microseconds of host time each
+        (docs/design.md, "Speed benchmark")."""
         return None
 
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -230,7 +232,7 @@ class ChainStep(Protocol):
     runs it: `gather` its input tokens, `entry` on them, then `exit` on what the block made of them."""
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The refreshed tokens of the chain's input (picked at this call)."""
+        """The refreshed tokens of the chain's input (picked for this call before it began)."""
         ...
 
     def entry(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -2,11 +2,12 @@
 
 The compiled regions are the modules whose forward lbridge's hooks call as the *original* forward:
 every transformer block for block-level methods, the attention / MLP sites for site-level ones
-(ToCa, `site=attn_mlp`), plus LearniBridge's bridge. Each region's `forward` is replaced by its
-compiled version *before* the hooks are registered, so the hooks wrap compiled code and their Python
-(the schedule lookup, the cache) never enters a graph: the step index is not a guard, and a CACHED
-step never recompiles. Compiling a whole block whose submodules carry hooks would trace the hooks and
-guard on the step.
+(ToCa, `site=attn_mlp`), plus the modules a method runs in a block's place at CACHED steps
+(`cached_step_modules`: LearniBridge's bridge, ToCa's one-forward blocks). Each region's `forward`
+is replaced by its compiled version *before* the hooks are registered, so the hooks wrap compiled
+code and their Python (the schedule lookup, the cache) never enters a graph: the step index is not
+a guard, and a CACHED step never recompiles. Compiling a whole block whose submodules carry hooks
+would trace the hooks and guard on the step.
 
 Used by `lbridge sample` (`runtime.compile=true`: both of its runs) and by the speed scripts.
 """
@@ -83,7 +84,7 @@ def regions(acc: Accelerator) -> list[torch.nn.Module]:
     inside = {id(m) for block in blocks for m in block.modules() if m is not block}
     inner = [m for m in hooked if id(m) in inside]
     found = inner if inner else list(blocks)
-    extra = getattr(acc.method, "cached_step_modules", list)()  # LearniBridge's bridges
+    extra = getattr(acc.method, "cached_step_modules", list)()  # bridges, one-forward blocks
     return found + extra
 
 
