@@ -125,11 +125,7 @@ class CachedOutput:
 
     def write(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
         """Put the recomputed tokens `index` (dim 1) into the cached output."""
-        fresh = fresh.to(self.output.dtype)
-        if self.owned:
-            self.output.index_copy_(1, index, fresh)
-        else:
-            self.output, self.owned = self.output.index_copy(1, index, fresh), True
+        self.writable().index_copy_(1, index, fresh.to(self.output.dtype))
 
     def writable(self) -> torch.Tensor:
         """The output, owned (copied once after the FULL step that made it) to be written in place."""
@@ -503,13 +499,14 @@ class ToCa(CacheMethod):
         self.fused_blocks = fused_blocks
         self.book = TokenAgeBook(tie_break)  # one pick per step for all token-wise modules of a length
         # The one-forward blocks of the transformer installed on, by block; the next install on the
-        # same blocks takes them over (`kept_blocks`), so a compiled one keeps its graphs.
+        # same blocks takes them over, so a compiled one keeps its graphs.
         self.cached_blocks: dict[int, CachedBlockForward] = {}
-        self.kept_blocks: dict[int, CachedBlockForward] = {}
 
     def install(self, transformer, adapter, runtime) -> None:
-        self.kept_blocks, self.cached_blocks = self.cached_blocks, {}
-        for block in adapter.blocks(transformer):
+        blocks = adapter.blocks(transformer)
+        # This transformer's one-forward blocks stay, another one's go (a reused id is checked below).
+        self.cached_blocks = {id(b): self.cached_blocks[id(b)] for b in blocks if id(b) in self.cached_blocks}
+        for block in blocks:
             chains = adapter.token_chains(block) if self.attention == "reuse" else []
             if chains:
                 self._install_chains(block, chains, adapter, runtime)
@@ -543,10 +540,9 @@ class ToCa(CacheMethod):
             self.add_hook(module, NoTokensHook(runtime), "attention_input")
         forward = adapter.reused_attention_forward(block) if self.fused_blocks else None
         if forward is not None and len(reused) <= 1:
-            cached = self.kept_blocks.get(id(block))
+            cached = self.cached_blocks.get(id(block))
             if cached is None or cached.block is not block or cached.run is not forward:
-                cached = CachedBlockForward(block, forward)
-            self.cached_blocks[id(block)] = cached
+                cached = self.cached_blocks[id(block)] = CachedBlockForward(block, forward)
             block_hook = ReusedAttentionBlockHook(runtime, cached, reused[0] if reused else None, hooks)
             self.add_hook(block, block_hook, "block")
 
