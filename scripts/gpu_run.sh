@@ -20,7 +20,9 @@
 # short still hands back the rows its script had written (bench_speed.py rewrites its csv after every row).
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
 # RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`),
-# MIRROR_S (5). Without .gpu-kit/ the installed packages are used.
+# MIRROR_S (5), KIT (.gpu-kit: the wheels to install; empty, or a folder that is not there: the
+# installed packages are used; tests set it empty, so what a local `make gpu-kit` leaves does not
+# change what they run).
 set -euo pipefail
 part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
@@ -35,9 +37,15 @@ CONFIG=${CONFIG:-flux-dev}
 OUT=${OUT:-$(mktemp -d)}
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .gpu-kit ]; then
+KIT=${KIT-.gpu-kit}
+if [ -n "$KIT" ] && [ -d "$KIT" ]; then
+  wheels=("$KIT"/*.whl)
+  if [ ! -e "${wheels[0]}" ]; then
+    echo "KIT=$KIT holds no wheels: run 'make gpu-kit' (docs/gpu.md), or KIT= for the installed packages" >&2
+    exit 2
+  fi
   kit=$(mktemp -d)
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$kit" .gpu-kit/*.whl
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$kit" "${wheels[@]}"
   export PYTHONPATH="$kit:$PYTHONPATH"
 fi
 if ! "$PYTHON" -c "import diffusers, hydra" 2>/dev/null; then

@@ -349,9 +349,11 @@ def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_p
 
 def gpu_run_command(part: str, *args: str, tmp_path: Path) -> dict:
     """scripts/gpu_run.sh (docs/gpu.md) on this CPU at flux-tiny size, writing under `tmp_path`."""
+    # KIT empty: the installed packages, whatever a local `make gpu-kit` left (or is rebuilding) in
+    # the checkout's .gpu-kit.
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CONFIG": "flux-tiny",
            "COMPILE_BACKEND": "eager", "OUT": str(tmp_path / "out"),
-           "RESULTS": str(tmp_path / "results"), "MIRROR_S": "1"}  # fmt: skip
+           "RESULTS": str(tmp_path / "results"), "MIRROR_S": "1", "KIT": ""}  # fmt: skip
     return {"args": ["bash", str(ROOT / "scripts" / "gpu_run.sh"), part, *args], "cwd": ROOT, "env": env}
 
 
@@ -409,6 +411,16 @@ def test_a_gpu_part_killed_at_its_time_limit_still_hands_back_the_rows_written_s
     assert len(rows) < 1 + 5 * 5  # cut short: not every method's five ratios
     for copy in (tmp_path / "out").glob("[!.]*"):  # under its own name, a copy is a whole file
         assert copy.read_text().endswith("\n") and "none" in copy.read_text()
+
+
+def test_a_gpu_kit_folder_without_wheels_is_refused_naming_it_before_anything_runs(tmp_path):
+    (tmp_path / "kit").mkdir()
+    command = gpu_run_command("check", tmp_path=tmp_path)
+    command["env"]["KIT"] = str(tmp_path / "kit")
+    done = subprocess.run(**command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"KIT={tmp_path / 'kit'} holds no wheels: run 'make gpu-kit'" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):
