@@ -269,12 +269,12 @@ def test_token_chains_run_norms_mlps_and_projections_on_the_refreshed_tokens_and
         (1.0, torch.float32, "per_step"),
     ],
 )
-def test_a_flux_block_at_a_cached_step_runs_as_one_forward_and_samples_what_its_hooked_modules_do(
+def test_a_flux_block_runs_as_one_forward_at_every_step_and_samples_what_its_hooked_modules_do(
     refresh_ratio, dtype, modulation
 ):
     norm1_calls = []
 
-    def watch(transformer):  # norm1 feeds only the reused attention: the one forward never calls it
+    def watch(transformer):  # calls of the module, hooked: the one forwards never make one
         transformer.transformer_blocks[0].norm1.register_forward_pre_hook(lambda *_: norm1_calls.append(1))
 
     options = {"refresh_ratio": refresh_ratio, "dtype": dtype, "modulation": modulation, "watch": watch}
@@ -285,14 +285,19 @@ def test_a_flux_block_at_a_cached_step_runs_as_one_forward_and_samples_what_its_
     assert hooks.count(toca.ReusedAttentionBlockHook) == blocks
     assert toca.ReusedAttentionBlockHook not in plain_hooks
     assert torch.equal(fused, hooked)
-    assert (fused_norm1_calls, len(norm1_calls)) == (3, 8)  # flux-tiny's 8 steps at ratio 1: FFcccFcc
+    # flux-tiny's 8 steps at ratio 1: FFcccFcc. Under the hooks every step calls norm1; the one
+    # forwards run it unhooked at FULL steps, and only its gates at CACHED ones (it feeds the reused
+    # attention alone).
+    assert (fused_norm1_calls, len(norm1_calls)) == (0, 8)
 
 
 def test_the_one_forward_blocks_are_those_of_the_transformer_installed_on_and_kept_across_installs():
-    """They are the regions regional compile compiles for ToCa's CACHED calls: a reinstall on the same
-    transformer keeps them (and their compiled forwards), another transformer gets its own."""
+    """Two per block, its FULL and its CACHED forward: the regions regional compile compiles for
+    ToCa's blocks. A reinstall on the same transformer keeps them (and their compiled forwards),
+    another transformer gets its own."""
     from lbridge.api import Accelerator
     from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+    from lbridge.models import flux
     from lbridge.models.base import adapter_for
 
     config, method = CONFIGS["flux-tiny"], load_method("toca")
@@ -303,16 +308,18 @@ def test_the_one_forward_blocks_are_those_of_the_transformer_installed_on_and_ke
         acc.plan(1.0, {"num_inference_steps": config.steps})
         acc.attach()
         acc.remove()
-        return method.cached_step_modules()
+        return method.step_modules()
 
     def blocks(transformer) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
     first, second = (build_transformer(config, torch.device("cpu"), torch.float32) for _ in range(2))
     modules = installed_on(first)
-    assert [m.block for m in modules] == blocks(first)
+    assert [m.block for m in modules] == [block for block in blocks(first) for _ in ("full", "cached")]
+    assert [m.run for m in modules[:2]] == [flux.double_block_full, flux.double_block_reused]
+    assert [m.run for m in modules[-2:]] == [flux.single_block_full, flux.single_block_reused]
     assert installed_on(first) == modules  # the same objects
-    assert [m.block for m in installed_on(second)] == blocks(second)
+    assert [m.block for m in installed_on(second)[::2]] == blocks(second)
 
 
 def test_families_without_a_reused_attention_forward_keep_their_blocks_own():

@@ -239,7 +239,7 @@ class LearniBridge(CacheMethod):
             self._runners[id(block)] = MergedBridge(block, bridge) if self.merge else SwitchedBridge(bridge)
         return self._runners[id(block)]
 
-    def cached_step_modules(self) -> list[torch.nn.Module]:
+    def step_modules(self) -> list[torch.nn.Module]:
         """The modules a CACHED step runs in place of the final block (regional compilation's regions)."""
         return [module for runner in self._runners.values() for module in runner.modules()]
 

@@ -39,15 +39,17 @@ refreshing the MLP sites alone (tested), and what ToCa's own FLUX code does; it 
 blocks' projection FLOPs and the norms, modulation, concatenation and GELU over every token, which
 FLOPs do not count. With `attention=recompute`, or without chains, the MLP sites are refreshed.
 
-One-forward blocks (`ModelAdapter.reused_attention_forward`: FLUX; `fused_blocks=True`, the
-default): at a CACHED step the block runs as one forward of the family's own arithmetic, reading the
-kept outputs and the refreshed tokens of the hooks above and calling the chains' modules unhooked.
-Bit-identical to the block under those hooks (tested); what it saves is host time, the dispatch of
-~10 hooked module calls per block (docs/design.md, "Overheads removed" (6)). The hooks still run the
-FULL steps. Under regional compilation (`runtime.compile=true`) the one-forward block is a region of
-its own (`CachedBlockForward`): a CACHED block is one graph, the step's bookkeeping (the tokens
-picked, the kept outputs made writable) done before it, outside. `fused_blocks=False` keeps the
-blocks' own forwards (the module breakdown times those).
+One-forward blocks (`ModelAdapter.full_step_forward` and `reused_attention_forward`: FLUX;
+`fused_blocks=True`, the default): at every step the block runs as one forward of the family's own
+arithmetic, its modules called unhooked. At a FULL step it returns, beside the block's outputs,
+what the hooks above keep (the attention's output, the chains' exit outputs), and hands it to them;
+at a CACHED step it reads what they keep and the tokens they refresh. Bit-identical to the block
+under those hooks (tested); what it saves is host time, the dispatch of ~10 hooked module calls per
+block (docs/design.md, "Overheads removed" (6)). Under regional compilation
+(`runtime.compile=true`) each of the two forwards is a region of its own (`BlockForward`), and the
+sites inside the block are not: a block is one graph at every step, as in full compute, the step's
+bookkeeping (the tokens picked, the kept outputs made writable or handed over) done outside.
+`fused_blocks=False` keeps the blocks' own forwards (the module breakdown times those).
 
 Token-wise and attention modules are told apart by type: diffusers attention modules
 (`Attention`, `AttentionModuleMixin`) are attention, every other site is a feed-forward acting on
@@ -61,7 +63,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
@@ -69,7 +71,8 @@ from diffusers.models.attention_processor import Attention
 
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
-from lbridge.models.base import ReusedAttentionStep, adaln_zero_modulation, modulation_alone
+from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_modulation, modulation_alone
+from lbridge.runtime.compile import BlockForward
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
@@ -244,9 +247,14 @@ class TokenRefreshHook(ModelHook):
                 f"toca: a token-wise site returned {type(output).__name__} not shaped (batch, tokens, ...) "
                 "like its input: it cannot be refreshed per token"
             )
-        self.ages[branch] = self.book.filled(branch, hidden.shape[1], self.runtime.step, tokens.device)
+        self.start_ages(hidden)
         if not self.compact:
             self.outputs[branch] = CachedOutput(output)
+
+    def start_ages(self, tokens: torch.Tensor) -> None:
+        """At a FULL step: every token of `tokens` (batch, tokens, ...) computed now, so of age 0."""
+        branch, step = self.runtime.branch, self.runtime.step
+        self.ages[branch] = self.book.filled(branch, tokens.shape[1], step, tokens.device)
 
     def reset(self) -> None:
         self.ages.clear()
@@ -270,9 +278,7 @@ class ChainExitHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden, run = _split_tokens(self, args, kwargs)
         if self.runtime.is_full:
-            output = run(hidden)
-            self.outputs[self.runtime.branch] = CachedOutput(output)
-            return output
+            return self.keep(run(hidden))
         index = _refreshed_by(self.entry, self.runtime)
         if hidden.shape[1] != index.numel():
             raise RuntimeError(
@@ -280,6 +286,11 @@ class ChainExitHook(ModelHook):
                 f"{index.numel()}: the block does not run the chain token by token"
             )
         return _update(self.outputs[self.runtime.branch], index, lambda: run(hidden))
+
+    def keep(self, output: torch.Tensor) -> torch.Tensor:
+        """At a FULL step: the output the CACHED steps write their refreshed tokens into."""
+        self.outputs[self.runtime.branch] = CachedOutput(output)
+        return output
 
     def reset(self) -> None:
         self.outputs.clear()
@@ -299,11 +310,14 @@ class GatherReuseHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            self.outputs[self.runtime.branch] = self.chain.join(output)
-            return output
+            return self.keep(self.fn_ref.original_forward(*args, **kwargs))
         stored, index = self.outputs[self.runtime.branch], _refreshed_by(self.entry, self.runtime)
         return self.chain.split(_gathered(stored, index))
+
+    def keep(self, output: Any) -> Any:
+        """At a FULL step: the output, joined, to gather the refreshed tokens of at CACHED steps."""
+        self.outputs[self.runtime.branch] = self.chain.join(output)
+        return output
 
     def reset(self) -> None:
         self.outputs.clear()
@@ -377,48 +391,64 @@ class ChainAtStep:
     def attention(self) -> torch.Tensor:
         return _gathered(self.reused, self.index)
 
+    def keep(self, exit_output: torch.Tensor, attention: Any) -> None:
+        """After a FULL call run by the block's full-step forward: what the chain's hooks keep."""
+        self.entry_hook.start_ages(exit_output)  # token-wise: the exit's tokens are the entry's
+        self.exit_hook.keep(exit_output)
+        if self.attention_hook is not None:
+            self.attention_hook.keep(attention)
+
     def forget(self) -> None:
         self.index = self.kept = self.reused = None
 
 
-class CachedBlockForward(torch.nn.Module):
-    """A block's reused-attention forward as a module of its own: what its CACHED calls run, and so
-    what regional compilation compiles for them (`ToCa.cached_step_modules`)."""
+class ChainAtFull:
+    """A token chain at a FULL call of its block, run by the block's full-step forward
+    (`ModelAdapter.full_step_forward`): every token, through its modules' unhooked forwards."""
 
-    def __init__(self, block: torch.nn.Module, forward: Callable[..., object]) -> None:
-        super().__init__()
-        self.block, self.run = block, forward
+    def __init__(self, entry: TokenRefreshHook, exit_hook: ChainExitHook) -> None:
+        self.entry = entry.fn_ref.original_forward
+        self.exit = exit_hook.fn_ref.original_forward
 
-    def forward(self, step: ReusedAttentionStep, *args, **kwargs):
-        return self.run(self.block, step, *args, **kwargs)
+    @staticmethod
+    def gather(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
 
 
 class ReusedAttentionBlockHook(ModelHook):
-    """On a block whose family has a reused-attention forward: CACHED step runs it, with the kept
-    outputs and refreshed tokens of the hooks on the block's modules, which run the FULL steps.
+    """On a block whose family has one-forward blocks: a FULL step runs its full-step forward and
+    hands what it returns to the hooks on the block's modules, as they would have kept it; a CACHED
+    step runs its reused-attention forward on what those hooks keep and the tokens they refresh.
 
     Same arithmetic as the block under those hooks (bit-identical, tested), without their dispatch:
     at FLUX.1-dev's depth on CPU, ToCa's CACHED call 13% shorter eager, half as long compiled
-    (docs/design.md, "Overheads removed")."""
+    (docs/design.md, "Overheads removed"); compiled, a block is one graph at every step."""
 
     def __init__(
         self,
         runtime: CacheRuntime,
-        forward: CachedBlockForward,
+        forwards: tuple[BlockForward, BlockForward],
+        full_step: FullStep,
         attention: ReuseOutputHook | None,
         chains: list[tuple[TokenRefreshHook, ChainExitHook, GatherReuseHook | None]],
     ) -> None:
         super().__init__()
-        self.runtime, self.forward, self.attention = runtime, forward, attention
+        self.runtime, (self.full, self.cached), self.full_step = runtime, forwards, full_step
+        self.attention = attention
         self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: prepared at each call
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            outputs, attention, exits = self.full(self.full_step, *args, **kwargs)
+            if self.attention is not None:
+                self.attention.keep(attention)
+            for chain, exit_output in zip(self.chains, exits, strict=True):
+                chain.keep(exit_output, attention)
+            return outputs
         for chain in self.chains:
             chain.prepare()
         attention = None if self.attention is None else self.attention.stored()
-        return self.forward(ReusedAttentionStep(attention, self.chains), *args, **kwargs)
+        return self.cached(ReusedAttentionStep(attention, self.chains), *args, **kwargs)
 
     def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains
         for chain in self.chains:
@@ -498,14 +528,15 @@ class ToCa(CacheMethod):
         # Not in describe(): the same samples either way (bit-identical), only the host time differs.
         self.fused_blocks = fused_blocks
         self.book = TokenAgeBook(tie_break)  # one pick per step for all token-wise modules of a length
-        # The one-forward blocks of the transformer installed on, by block; the next install on the
-        # same blocks takes them over, so a compiled one keeps its graphs.
-        self.cached_blocks: dict[int, CachedBlockForward] = {}
+        # The one-forward blocks (FULL, CACHED) of the transformer installed on, by block; the next
+        # install on the same blocks takes them over, so compiled ones keep their graphs.
+        self.block_forwards: dict[int, tuple[BlockForward, BlockForward]] = {}
 
     def install(self, transformer, adapter, runtime) -> None:
         blocks = adapter.blocks(transformer)
         # This transformer's one-forward blocks stay, another one's go (a reused id is checked below).
-        self.cached_blocks = {id(b): self.cached_blocks[id(b)] for b in blocks if id(b) in self.cached_blocks}
+        kept = self.block_forwards
+        self.block_forwards = {id(b): kept[id(b)] for b in blocks if id(b) in kept}
         for block in blocks:
             chains = adapter.token_chains(block) if self.attention == "reuse" else []
             if chains:
@@ -524,7 +555,7 @@ class ToCa(CacheMethod):
         """With the attention reused, a block's token-wise stretches (norm to MLP, and in parallel
         blocks to the output projection) run on the refreshed tokens alone, and the norms that only
         feed the attention run on none: ToCa's own FLUX code does the same."""
-        joined, hooks, reused = [], [], []
+        joined, hooks, reused, inputs = [], [], [], []
         for chain in chains:
             entry = self.add_hook(chain.entry, self._entry(runtime, compact=True), "tokens")
             exit_hook = self.add_hook(chain.exit, ChainExitHook(runtime, entry), "exit")
@@ -537,18 +568,30 @@ class ToCa(CacheMethod):
             if is_attention(module) and not any(module is a for a in joined):
                 reused.append(self.add_hook(module, ReuseOutputHook(runtime), "attention"))
         for module in adapter.attention_inputs(block):
-            self.add_hook(module, NoTokensHook(runtime), "attention_input")
-        forward = adapter.reused_attention_forward(block) if self.fused_blocks else None
-        if forward is not None and len(reused) <= 1:
-            cached = self.cached_blocks.get(id(block))
-            if cached is None or cached.block is not block or cached.run is not forward:
-                cached = self.cached_blocks[id(block)] = CachedBlockForward(block, forward)
-            block_hook = ReusedAttentionBlockHook(runtime, cached, reused[0] if reused else None, hooks)
+            inputs.append(self.add_hook(module, NoTokensHook(runtime), "attention_input"))
+        attention = reused + [gather for *_, gather in hooks if gather is not None]
+        forwards = self._block_forwards(block, adapter) if self.fused_blocks else None
+        if forwards is not None and len(attention) == 1:
+            original = [hook.fn_ref.original_forward for hook in (*inputs, *attention)]
+            full_step = FullStep(original[:-1], original[-1], [ChainAtFull(e, x) for e, x, _ in hooks])
+            kept_attention = reused[0] if reused else None  # parallel blocks: their chain's gather keeps it
+            block_hook = ReusedAttentionBlockHook(runtime, forwards, full_step, kept_attention, hooks)
             self.add_hook(block, block_hook, "block")
 
-    def cached_step_modules(self) -> list[torch.nn.Module]:
-        """The one-forward blocks' CACHED-step modules (regional compilation's regions for them)."""
-        return list(self.cached_blocks.values())
+    def _block_forwards(self, block, adapter) -> tuple[BlockForward, BlockForward] | None:
+        """The block's one-forward modules (FULL, CACHED), built once per block and family forward."""
+        full, cached = adapter.full_step_forward(block), adapter.reused_attention_forward(block)
+        if full is None or cached is None:
+            return None
+        forwards = self.block_forwards.get(id(block))
+        if forwards is None or [(m.block, m.run) for m in forwards] != [(block, full), (block, cached)]:
+            forwards = (BlockForward(block, full), BlockForward(block, cached))
+            self.block_forwards[id(block)] = forwards
+        return forwards
+
+    def step_modules(self) -> list[torch.nn.Module]:
+        """The one-forward blocks' modules, FULL and CACHED (regional compilation's regions for them)."""
+        return [module for forwards in self.block_forwards.values() for module in forwards]
 
     def describe(self) -> dict:
         return {

@@ -164,6 +164,16 @@ class ModelAdapter:
         (docs/design.md, "Speed benchmark")."""
         return None
 
+    def full_step_forward(self, block: torch.nn.Module) -> Callable[..., Any] | None:
+        """The block's forward at the FULL steps that `reused_attention_forward`'s steps read from,
+        called as `forward(block, step, *args, **kwargs)` with a `FullStep`: the block's own
+        arithmetic, operation for operation, its hooked modules run through `step` (unhooked).
+        Returns `(outputs, attention, exits)`: the block's outputs, the attention module's output as
+        it returned it, and each chain's exit output over every token, which is what those modules'
+        hooks would keep. Compiled, a FULL block is then one graph, as in full compute. None: the
+        block's own forward runs, under its modules' hooks."""
+        return None
+
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """TeaCache's change indicator: the first block's timestep-modulated input.
 
@@ -229,7 +239,8 @@ class TokenChain:
 
 class ChainStep(Protocol):
     """One token chain of a block at a CACHED step (`ReusedAttentionStep`), in the order the block
-    runs it: `gather` its input tokens, `entry` on them, then `exit` on what the block made of them."""
+    runs it: `gather` its input tokens, `entry` on them, then `exit` on what the block made of them.
+    At a FULL step (`FullStep`) `gather` returns every token and `exit` the module's output."""
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """The refreshed tokens of the chain's input (picked for this call before it began)."""
@@ -253,6 +264,15 @@ class ReusedAttentionStep:
     """What `ModelAdapter.reused_attention_forward` computes a block from instead of its attention."""
 
     attention: Any  # the attention module's reused output, as the module returned it (None: parallel)
+    chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
+
+
+@dataclass
+class FullStep:
+    """The forwards, unhooked, through which `ModelAdapter.full_step_forward` runs a block's modules."""
+
+    attention_inputs: list[Callable[..., Any]]  # those of `attention_inputs(block)`, in its order
+    attention: Callable[..., Any]  # the attention module's
     chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
 
 

@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.models.base import (
     ChainStep,
+    FullStep,
     ModelAdapter,
     ReusedAttentionStep,
     TokenChain,
@@ -98,11 +99,37 @@ class FluxAdapter(ModelAdapter):
             return double_block_reused
         return None
 
+    def full_step_forward(self, block: torch.nn.Module):
+        if isinstance(block, FluxSingleTransformerBlock):
+            return single_block_full
+        return double_block_full if isinstance(block, FluxTransformerBlock) else None
 
-# The two block forwards below are diffusers' FluxTransformerBlock / FluxSingleTransformerBlock
-# forwards at a CACHED step, operation for operation in the same order (bit-identical to the blocks
-# running under ToCa's module hooks, tested), without dispatching the hooks of the ~10 modules a
-# block calls: at FLUX.1-dev's depth that dispatch was an eighth of a CACHED call's host time.
+
+# The block forwards below are diffusers' FluxTransformerBlock / FluxSingleTransformerBlock forwards,
+# operation for operation in the same order (bit-identical to the blocks running under ToCa's module
+# hooks, tested), without dispatching the hooks of the ~10 modules a block calls: at FLUX.1-dev's
+# depth that dispatch was an eighth of a CACHED call's host time. Compiled, each is one graph.
+
+
+def double_block_full(
+    block: FluxTransformerBlock, step: FullStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple, list[torch.Tensor]]:  # fmt: skip
+    """The double block at a FULL step, with its attention's output and its chains' `ff` outputs."""
+    norm1, norm1_context = step.attention_inputs
+    norm_hidden_states, *gates = norm1(hidden_states, emb=temb)
+    norm_encoder_hidden_states, *context_gates = norm1_context(encoder_hidden_states, emb=temb)
+    attention = step.attention(
+        hidden_states=norm_hidden_states,
+        encoder_hidden_states=norm_encoder_hidden_states,
+        image_rotary_emb=image_rotary_emb,
+        **(joint_attention_kwargs or {}),
+    )
+    gates = (gates, context_gates)
+    outputs, exits = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
+    return outputs, attention, exits
 
 
 def double_block_reused(
@@ -111,16 +138,43 @@ def double_block_reused(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The double block with its attention reused: `norm1`'s gates alone, each stream's chain
     (`norm2 -> modulation -> ff`) on its refreshed tokens."""
-    attn_output, context_attn_output, *ip_attn_output = step.attention
-    image, text = step.chains
-    hidden_states = _stream(hidden_states, attn_output, _gates(block.norm1, temb), image)
+    gates = (_gates(block.norm1, temb), _gates(block.norm1_context, temb))
+    outputs, _ = _after_attention(hidden_states, encoder_hidden_states, step.attention, gates, step.chains)
+    return outputs
+
+
+def _after_attention(
+    hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention: tuple,
+    gates: tuple[tuple, tuple], chains: list[ChainStep],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """The double block from its attention's output on: both streams' outputs, and their `ff` outputs."""
+    (attn_output, context_attn_output, *ip_attn_output), (image, text) = attention, chains
+    hidden_states, ff_output = _stream(hidden_states, attn_output, gates[0], image)
     if ip_attn_output:  # an IP-Adapter's attention output, added after the MLP as diffusers does
         hidden_states = hidden_states + ip_attn_output[0]
-    context_gates = _gates(block.norm1_context, temb)
-    encoder_hidden_states = _stream(encoder_hidden_states, context_attn_output, context_gates, text)
+    encoder_hidden_states, context_ff = _stream(encoder_hidden_states, context_attn_output, gates[1], text)
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
-    return encoder_hidden_states, hidden_states
+    return (encoder_hidden_states, hidden_states), [ff_output, context_ff]
+
+
+def single_block_full(
+    block: FluxSingleTransformerBlock, step: FullStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """The single block at a FULL step, with its attention's output and its `proj_out` output."""
+    (chain,) = step.chains
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
+    mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
+    attention = step.attention(
+        hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
+    )
+    text_seq_len = encoder_hidden_states.shape[1]
+    outputs, proj_output = _single_output(residual, gate, attention, mlp_hidden_states, chain, text_seq_len)
+    return outputs, attention, [proj_output]
 
 
 def single_block_reused(
@@ -130,15 +184,24 @@ def single_block_reused(
     """The single block on its refreshed tokens: `norm -> proj_mlp -> act_mlp -> cat with the
     reused attention -> proj_out`; every token's gated residual from the kept `proj_out` output."""
     (chain,) = step.chains
-    text_seq_len = encoder_hidden_states.shape[1]
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
     mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
-    joined = torch.cat([chain.attention(), mlp_hidden_states], dim=2)
-    hidden_states = residual + gate.unsqueeze(1) * chain.exit(joined)
+    text_seq_len = encoder_hidden_states.shape[1]
+    outputs, _ = _single_output(residual, gate, chain.attention(), mlp_hidden_states, chain, text_seq_len)
+    return outputs
+
+
+def _single_output(
+    residual: torch.Tensor, gate: torch.Tensor, attention: torch.Tensor, mlp_hidden_states: torch.Tensor,
+    chain: ChainStep, text_seq_len: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """The single block from its attention's and MLP's outputs on: its outputs, and `proj_out`'s."""
+    proj_output = chain.exit(torch.cat([attention, mlp_hidden_states], dim=2))
+    hidden_states = residual + gate.unsqueeze(1) * proj_output
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+    return (hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]), proj_output
 
 
 def _gates(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -147,13 +210,17 @@ def _gates(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...
     return gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-def _stream(x: torch.Tensor, attn: torch.Tensor, gates: tuple, chain: ChainStep) -> torch.Tensor:
-    """One stream of the double block after its attention: gated residual, then the chain's MLP."""
+def _stream(
+    x: torch.Tensor, attn: torch.Tensor, gates: tuple, chain: ChainStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stream of the double block after its attention: gated residual, then the chain's MLP;
+    the stream's output and the MLP's (every token's)."""
     gate_msa, shift_mlp, scale_mlp, gate_mlp = gates
     x = x + gate_msa.unsqueeze(1) * attn
     norm_x = chain.entry(chain.gather(x))
     norm_x = norm_x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    return x + gate_mlp.unsqueeze(1) * chain.exit(norm_x)
+    ff_output = chain.exit(norm_x)
+    return x + gate_mlp.unsqueeze(1) * ff_output, ff_output
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

@@ -2,8 +2,9 @@
 
 The compiled regions are the modules whose forward lbridge's hooks call as the *original* forward:
 every transformer block for block-level methods, the attention / MLP sites for site-level ones
-(ToCa, `site=attn_mlp`), plus the modules a method runs in a block's place at CACHED steps
-(`cached_step_modules`: LearniBridge's bridge, ToCa's one-forward blocks). Each region's `forward`
+(ToCa, `site=attn_mlp`), plus the modules a method runs in a block's place (`step_modules`:
+LearniBridge's bridge at CACHED steps; ToCa's one-forward blocks, `BlockForward`, at every step,
+whose sites then run inside them and are not regions of their own). Each region's `forward`
 is replaced by its compiled version *before* the hooks are registered, so the hooks wrap compiled
 code and their Python (the schedule lookup, the cache) never enters a graph: the step index is not
 a guard, and a CACHED step never recompiles. Compiling a whole block whose submodules carry hooks
@@ -14,6 +15,7 @@ Used by `lbridge sample` (`runtime.compile=true`: both of its runs) and by the s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,22 +72,48 @@ def hooked_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+class BlockForward(torch.nn.Module):
+    """A forward a method runs a block with instead of the block's own, as a module of its own: a
+    region. A method builds them for every call of the block it gives them to (ToCa: one for its
+    FULL calls, one for its CACHED ones), so the block's hooked sites never run outside them."""
+
+    def __init__(self, block: torch.nn.Module, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.block, self.run = block, forward
+
+    def forward(self, step: Any, *args, **kwargs):
+        return self.run(self.block, step, *args, **kwargs)
+
+
 def regions(acc: Accelerator) -> list[torch.nn.Module]:
-    """Blocks, or the hooked sites inside them when a method hooks below block level; plus bridges."""
+    """Blocks, or the hooked sites inside them when a method hooks below block level, except those
+    of blocks that run as `BlockForward`s; plus the modules a method runs in a block's place."""
     blocks = acc.adapter.blocks(acc.transformer)
     acc.attach()
     try:
         hooked = hooked_modules(acc.transformer)
     finally:
         acc.remove()
+    extra = getattr(acc.method, "step_modules", list)()  # bridges, one-forward blocks
     # Only a hook *inside* a block makes a method site-level. Hooks outside the blocks (the rotary
     # embedding's, always on) are no reason to leave the blocks eager, and their module is not
     # worth a graph: it runs once per sample.
-    inside = {id(m) for block in blocks for m in block.modules() if m is not block}
+    inside = {id(m): block for block in blocks for m in block.modules() if m is not block}
     inner = [m for m in hooked if id(m) in inside]
-    found = inner if inner else list(blocks)
-    extra = getattr(acc.method, "cached_step_modules", list)()  # bridges, one-forward blocks
-    return found + extra
+    if not inner:
+        return list(blocks) + extra
+    run_whole = {id(m.block) for m in extra if isinstance(m, BlockForward)}
+    return [m for m in inner if id(inside[id(m)]) not in run_whole] + extra
+
+
+def compiled_forward(module: torch.nn.Module, **options: Any) -> Callable[..., Any]:
+    """The region's forward, compiled. A `BlockForward`'s is its `run` function compiled, called
+    with its block: dynamo keeps graphs per code object (8 at most, every backend's together), and
+    a FLUX block's FULL and CACHED forwards need 5-6 (a single block's first input has another
+    stride); under `BlockForward.forward`, which all of them share, they would not fit."""
+    if isinstance(module, BlockForward):
+        return functools.partial(torch.compile(module.run, **options), module.block)
+    return torch.compile(module.forward, **options)
 
 
 class CompiledRegions:
@@ -106,7 +134,7 @@ class CompiledRegions:
         self.acc = acc
         self.stats = CompileStats(enabled, start=dynamo_counts())
         modules = regions(acc) if enabled else []
-        self.compiled = [(module, torch.compile(module.forward, **options)) for module in modules]
+        self.compiled = [(module, compiled_forward(module, **options)) for module in modules]
         self.stats.regions = len(self.compiled)
 
     @contextmanager

@@ -59,12 +59,14 @@ class ReuseOutputHook(ModelHook):
         self.outputs: dict[str, Any] = {}
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        branch = self.runtime.branch
         if self.runtime.is_full:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            self.outputs[branch] = output
-            return output
+            return self.keep(self.fn_ref.original_forward(*args, **kwargs))
         return self.stored()
+
+    def keep(self, output: Any) -> Any:
+        """At a FULL step: the output to return at the CACHED steps that follow (per CFG branch)."""
+        self.outputs[self.runtime.branch] = output
+        return output
 
     def stored(self) -> Any:
         """The output kept for the current CFG branch."""
