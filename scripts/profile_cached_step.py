@@ -30,6 +30,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -98,17 +99,24 @@ def call_seconds(loop: DenoisingLoop, contender: CompiledRegions) -> CallTimer:
     return timer
 
 
+class Medians(NamedTuple):
+    full: float  # full compute's FULL call
+    cached: float  # the method's CACHED call
+    host: float | None  # the CACHED call's host seconds (CUDA; None on CPU, where the two are one)
+    method_full: float  # the method's own FULL call (its hooks; compiled, its regions)
+
+
 def paired_medians(
     loop: DenoisingLoop, reference: CompiledRegions, method: CompiledRegions, runs: int
-) -> tuple[float, float, float | None]:
-    """Median FULL call (reference runs) and median CACHED call (`method` runs), runs alternating,
-    and the CACHED call's median host seconds (CUDA; None on CPU, where the two are one).
+) -> Medians:
+    """Median FULL call (reference runs) and median CACHED call (`method` runs), runs alternating;
+    the CACHED call's median host seconds, and the median of the method's own FULL calls.
 
     Calls are timed one by one and the two runs interleave, so a machine that slows down during the
     measurement slows both alike (timing whole runs and subtracting FULL time let drift land on the
     CACHED estimate). The first pair is a warm-up (and, compiled, where the graphs are built).
     """
-    full, cached, host = [], [], []
+    full, cached, host, method_full = [], [], [], []
     first_cached = len(loop.branches)  # step 0 is FULL: one call per CFG branch
     for run in range(runs + 1):
         reference_calls, method_calls = call_seconds(loop, reference), call_seconds(loop, method)
@@ -116,7 +124,9 @@ def paired_medians(
             full += reference_calls.seconds
             cached += method_calls.seconds[first_cached:]
             host += method_calls.host[first_cached:]
-    return statistics.median(full), statistics.median(cached), statistics.median(host) if host else None
+            method_full += method_calls.seconds[:first_cached]
+    median = statistics.median
+    return Medians(median(full), median(cached), median(host) if host else None, median(method_full))
 
 
 def dispatched_ops(loop: DenoisingLoop, contender: CompiledRegions) -> dict[str, int]:
@@ -147,7 +157,7 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
         name, params = method_spec(spec)
         acc = planned(loop, adapter, name, "F" + "c" * (steps - 1), args.modulation, **params)
         method = CompiledRegions(acc, args.compile, **options)
-        full, cached, host = paired_medians(loop, reference, method, args.runs)
+        full, cached, host, method_full = paired_medians(loop, reference, method, args.runs)
         predicted = full * acc.cost.cached / acc.cost.full
         print(
             f"{config.name} {spec:12s} CACHED call {1000 * cached:7.2f} ms; FLOPs share predicts "
@@ -155,7 +165,8 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
         )
         rows.append({"method": spec, "cached_ms": 1000 * cached, "flops_share_ms": 1000 * predicted,
                      "excess_ms": 1000 * (cached - predicted), "ratio": cached / predicted,
-                     "full_ms": 1000 * full, "cached_host_ms": None if host is None else 1000 * host,
+                     "full_ms": 1000 * full, "method_full_ms": 1000 * method_full,
+                     "cached_host_ms": None if host is None else 1000 * host,
                      **({} if args.compile else dispatched_ops(loop, method))})  # fmt: skip
         if spec == args.profile:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -199,7 +210,7 @@ def breakdown_config(config, args: argparse.Namespace, device: torch.device, dty
         full, cached = partial(run_once, loop, reference), partial(run_once, loop, method)
         table = module_breakdown(loop.transformer, device.type == "cuda", full, cached, len(loop.branches),
                                  args.runs)  # fmt: skip
-        full_s, cached_s, _ = paired_medians(loop, reference, method, args.runs)  # what the hooks add
+        full_s, cached_s, *_ = paired_medians(loop, reference, method, args.runs)  # what the hooks add
         unhooked = {"module": UNHOOKED, "full_ms": 1000 * full_s, "cached_ms": 1000 * cached_s}
         table = pd.concat([table, pd.DataFrame([unhooked])], ignore_index=True)
         print(f"{config.name} {name}: CACHED call by module\n{table.to_string(index=False)}")
@@ -269,7 +280,9 @@ def main() -> None:
 
 UNHOOKED = "(call without the hooks)"
 CALL_COLUMNS = (
-    "- `full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
+    "- `method_full_ms`: the method's own FULL call (its hooks; compiled, its regions), the median of "
+    "one per run: beside `full_ms`, what its FULL steps cost beyond full compute's. "
+    "`full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
     "included: each costs host time whatever its size. `cached_host_ms` (CUDA only): the host's time "
     "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU"
 )

@@ -331,6 +331,8 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     recomputed = table["cached_ms"] / table["flops_share_ms"]  # from 4-decimal csv values
     assert ((table["ratio"] - recomputed).abs() / recomputed).max() < 1e-2
     assert table["cached_host_ms"].isna().all()  # CUDA only: on CPU the host's time is the call's
+    # Each method's own FULL call beside full compute's: it runs every block, its CACHED call few.
+    assert (table["method_full_ms"] > table["cached_ms"]).all()
     if compiled:  # a compiled region's ATen operations are not what it launches: not counted
         assert "cached_ops" not in table
     else:  # FORA's CACHED call runs the embeddings and the head; LearniBridge's its bridge as well
