@@ -54,13 +54,17 @@ def table(tmp_path_factory):
 
 
 def planned(
-    name: str, loop: DenoisingLoop | None = None, modulation: str = "per_step", config_name: str = "flux-tiny"
+    name: str,
+    loop: DenoisingLoop | None = None,
+    modulation: str = "per_step",
+    config_name: str = "flux-tiny",
+    **params,
 ):
     config = CONFIGS[config_name] if loop is None else loop.config
     if loop is None:
         transformer = build_transformer(config, torch.device("cpu"), torch.float32)
         loop = DenoisingLoop(transformer, config, torch.device("cpu"), torch.float32)
-    method = load_method(name, **method_params(name, config.steps))
+    method = load_method(name, **{**method_params(name, config.steps), **params})
     acc = Accelerator(loop, method, adapter_for(loop.transformer)(name="t"), modulation)
     acc.plan(1.0, {"num_inference_steps": config.steps})
     return acc, loop
@@ -220,6 +224,19 @@ def test_a_toca_call_runs_each_one_forward_block_as_one_compiled_graph_at_every_
     assert compiled.stats.row()["graph_breaks"] == 0
     assert len(per_call) == len(schedule)
     assert per_call == [len(blocks)] * len(schedule)
+
+
+def test_toca_with_its_blocks_unfused_compiles_the_sites_it_hooks_inside_them():
+    """`fused_blocks=false`: no one-forward blocks, so the regions are the hooked modules of every
+    block (double: the attention, norm1 and norm1_context, each chain's norm and MLP; single: the
+    attention, the chain's norm and output projection)."""
+    acc, loop = planned("toca", fused_blocks=False)
+    found = regions(acc)
+    double, single = len(loop.transformer.transformer_blocks), len(loop.transformer.single_transformer_blocks)
+    assert len(found) == 7 * double + 3 * single
+    assert not any(isinstance(region, BlockForward) for region in found)
+    blocks = acc.adapter.blocks(acc.transformer)
+    assert all(any(region is m for b in blocks for m in b.modules() if m is not b) for region in found)
 
 
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
