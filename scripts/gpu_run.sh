@@ -20,9 +20,9 @@
 # short still hands back the rows its script had written (bench_speed.py rewrites its csv after every row).
 # Environment: PYTHON (python3), DEVICE (cuda), CONFIG (flux-dev), OUT (a temporary folder),
 # RESULTS (results/speed: where the scripts write), COMPILE_BACKEND (inductor: check's `lbridge sample`),
-# MIRROR_S (5), KIT (.gpu-kit: the wheels to install; empty, or a folder that is not there: the
-# installed packages are used; tests set it empty, so what a local `make gpu-kit` leaves does not
-# change what they run).
+# MIRROR_S (5), KIT (.gpu-kit: the folder of wheels to install; empty, or the default folder not
+# there: the installed packages are used; tests set it empty, so what a local `make gpu-kit` leaves
+# does not change what they run; any other path that is not a folder is refused).
 set -euo pipefail
 part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
@@ -38,6 +38,10 @@ OUT=${OUT:-$(mktemp -d)}
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 KIT=${KIT-.gpu-kit}
+if [ -n "$KIT" ] && [ "$KIT" != .gpu-kit ] && [ ! -d "$KIT" ]; then
+  echo "KIT=$KIT is not a folder: give the folder 'make gpu-kit' fills (.gpu-kit), or KIT= for the installed packages" >&2
+  exit 2
+fi
 if [ -n "$KIT" ] && [ -d "$KIT" ]; then
   wheels=("$KIT"/*.whl)
   if [ ! -e "${wheels[0]}" ]; then

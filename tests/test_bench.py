@@ -435,13 +435,21 @@ def test_a_gpu_part_killed_at_its_time_limit_still_hands_back_the_rows_written_s
         assert copy.read_text().endswith("\n") and "none" in copy.read_text()
 
 
-def test_a_gpu_kit_folder_without_wheels_is_refused_naming_it_before_anything_runs(tmp_path):
-    (tmp_path / "kit").mkdir()
+@pytest.mark.parametrize(
+    "make_folder, message",
+    [
+        (True, "holds no wheels: run 'make gpu-kit'"),
+        (False, "is not a folder: give the folder 'make gpu-kit' fills"),
+    ],
+)
+def test_a_gpu_kit_without_wheels_is_refused_naming_it_before_anything_runs(tmp_path, make_folder, message):
+    if make_folder:
+        (tmp_path / "kit").mkdir()
     command = gpu_run_command("check", tmp_path=tmp_path)
     command["env"]["KIT"] = str(tmp_path / "kit")
     done = subprocess.run(**command, capture_output=True, text=True)
     assert done.returncode == 2
-    assert f"KIT={tmp_path / 'kit'} holds no wheels: run 'make gpu-kit'" in done.stderr
+    assert f"KIT={tmp_path / 'kit'} {message}" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
