@@ -63,14 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's; 1 is steadier on shared cores)")  # fmt: skip
     p.add_argument("--modulation", default="per_step", choices=MODULATIONS,
                    help="batched: every AdaLN modulation once per run for all steps, in every row "
-                   "(eager only; file stem gets -batched-modulation)")  # fmt: skip
+                   "(file stem gets -batched-modulation)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
     p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
-    if args.modulation != "per_step" and args.compile:
-        p.error(f"--modulation {args.modulation} is eager only: add --no-compile")
     return args
 
 

@@ -253,8 +253,6 @@ def main() -> None:
         "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
     )
     args = p.parse_args()
-    if args.modulation != "per_step" and args.compile:
-        p.error(f"--modulation {args.modulation} is eager only: leave out --compile")
     if args.modules and (args.compile or args.heads):
         p.error("--modules times the modules of eager calls at one width: leave out --compile and --heads")
     for spec in args.methods.split(","):  # before minutes of timing: a bad name or key is one line

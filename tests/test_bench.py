@@ -25,7 +25,6 @@ from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
 from lbridge.config import group_options
-from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
 from lbridge.runtime.compile import BlockForward, CompiledRegions, regions
@@ -580,15 +579,28 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
     assert "both with `modulation=batched`" in caption
 
 
-def test_batched_modulation_is_timed_eager_only(capsys, monkeypatch):
-    with pytest.raises(SystemExit):
-        load_script().parse_args(["--modulation", "batched"])
-    assert "--modulation batched is eager only: add --no-compile" in capsys.readouterr().err
-    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--modulation", "batched", "--compile"])
-    with pytest.raises(SystemExit):
-        load_script("profile_cached_step").main()
-    assert "--modulation batched is eager only: leave out --compile" in capsys.readouterr().err
-    acc, _ = planned("none")
-    acc.modulation = "batched"
-    with pytest.raises(LbridgeError, match="modulation=batched is eager only"):
-        CompiledRegions(acc, enabled=True, backend="eager")
+@pytest.mark.parametrize(("name", "params"), [("none", {}), ("fora", {}), ("toca", {}),
+                                              ("toca", {"fused_blocks": False})])  # fmt: skip
+def test_batched_modulation_compiles_inside_the_regions_and_replays_the_eager_latents(name, params):
+    """The modulation hooks only return the row the step embedding's hook picked before the blocks
+    ran, so traced into a compiled block (or a chain's norm) they read no step: the regions are
+    per-step modulation's, the timed run builds no graph and runs them all, and it computes the
+    eager latents bit for bit (a backend that runs dynamo's graphs as they are)."""
+    acc, loop = planned(name, modulation="batched", **params)
+    per_step, _ = planned(name, loop, **params)
+    assert [type(r) for r in regions(acc)] == [type(r) for r in regions(per_step)]
+    steps = loop.config.steps
+    with CompiledRegions(acc, False).installed():
+        eager = loop(steps).clone()
+    compiled = CompiledRegions(acc, True, backend=counted_graphs)
+    with compiled.installed():
+        compiled.stats.mark_warm(lambda: (acc.reset(), loop(steps)))
+        GRAPH_RUNS.clear()
+        acc.reset()
+        latents = loop(steps)
+    compiled.stats.mark_timed()
+    assert compiled.stats.row()["recompiles"] == 0
+    assert compiled.stats.row()["graph_breaks"] == 0
+    full_calls = str(acc.runtime.schedule).count("F")
+    assert len(GRAPH_RUNS) >= full_calls * len(acc.adapter.blocks(acc.transformer))
+    assert torch.equal(latents, eager)

@@ -60,10 +60,6 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "unknown runtime.modulation 'fused' (accepted: per_step, batched)",
         ),
         (
-            ["sample", "runtime.compile=true", "runtime.modulation=batched"],
-            "runtime.modulation=batched is eager only: set runtime.compile=false",
-        ),
-        (
             ["sample", "runtime.compile=true", "runtime.compile_backend=turbo"],
             "unknown runtime.compile_backend 'turbo' (accepted: inductor, cudagraphs, eager, aot_eager",
         ),

@@ -83,15 +83,25 @@ def test_the_report_tells_compiled_runs_from_eager_ones(eager_and_compiled):
 
 
 def test_batched_modulation_is_a_run_of_its_own_with_the_same_images_up_to_rounding(tmp_path):
+    """Compiled too: its hooks, traced into the blocks, read no step (no graph built while timed)."""
     launch(TOCA, tmp_path, 1)
     launch([*TOCA, "runtime.modulation=batched"], tmp_path, 1)
+    stdout = launch([*TOCA, "runtime.modulation=batched", *COMPILED], tmp_path, 1).stdout
     found = runs(tmp_path)
     batched = json.dumps({"modulation": "batched"}, sort_keys=True)
-    assert set(found) == {("{}", "none"), ("{}", "toca"), (batched, "none"), (batched, "toca")}
+    compiled = {"modulation": "batched", "compile": True, "compile_backend": "eager"}
+    compiled = json.dumps(compiled, sort_keys=True)
+    assert set(found) == {(runtime, m) for runtime in ("{}", batched, compiled) for m in ("none", "toca")}
     for method in ("none", "toca"):
         pairs = zip(pixels(found[("{}", method)]), pixels(found[(batched, method)]), strict=True)
         for per_step, once in pairs:
             assert np.abs(per_step - once).max() <= 1  # a many-row matmul's rounding, at most one level
+        assert [p.tobytes() for p in pixels(found[(batched, method)])] == [
+            p.tobytes() for p in pixels(found[(compiled, method)])
+        ]
+    reports = [line for line in stdout.splitlines() if line.startswith("torch.compile:")]
+    assert len(reports) == 2
+    assert all("0 built during the timed generations, 0 graph breaks" in r for r in reports)
 
 
 def config(*overrides: str):

@@ -46,12 +46,6 @@ def check_runtime(cfg: DictConfig) -> None:
     check_modulation(runtime.modulation, "runtime.modulation")
     if not runtime.compile:
         return
-    if runtime.modulation != "per_step":
-        # Its hooks sit on the modulations inside the compiled blocks: tracing them would guard on the step.
-        raise LbridgeError(
-            f"runtime.modulation={runtime.modulation} is eager only: set runtime.compile=false, "
-            "or runtime.modulation=per_step to compile"
-        )
     if runtime.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise LbridgeError(
             f"unknown runtime.compile_backend '{runtime.compile_backend}' (accepted: "

@@ -8,7 +8,9 @@ whose sites then run inside them and are not regions of their own). Each region'
 is replaced by its compiled version *before* the hooks are registered, so the hooks wrap compiled
 code and their Python (the schedule lookup, the cache) never enters a graph: the step index is not
 a guard, and a CACHED step never recompiles. Compiling a whole block whose submodules carry hooks
-would trace the hooks and guard on the step.
+would trace the hooks and guard on the step; the exception is a hook made to be traced
+(`traced_in_regions`: the batched modulation's, which only returns a tensor its caller picked
+before the blocks ran), which leaves the blocks regions.
 
 Used by `lbridge sample` (`runtime.compile=true`: both of its runs) and by the speed scripts.
 """
@@ -24,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._dynamo.utils import counters
 
-from lbridge.errors import LbridgeError
 from lbridge.runtime.hooks import PREFIX
 
 if TYPE_CHECKING:  # the Accelerator installs what this module compiles around
@@ -63,11 +64,16 @@ class CompileStats:
 
 
 def hooked_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules under `root` carrying an lbridge hook (the context hook on the root excluded)."""
+    """Modules under `root` carrying an lbridge hook that must stay outside a graph: the context hook
+    on the root excluded, and hooks made to be traced (`traced_in_regions`: they read nothing that
+    changes between steps, so a region may contain them)."""
     found = []
     for module in root.modules():
         registry = getattr(module, "_diffusers_hook", None)
-        if module is not root and registry is not None and any(n.startswith(PREFIX) for n in registry.hooks):
+        if module is root or registry is None:
+            continue
+        if any(name.startswith(PREFIX) and not getattr(hook, "traced_in_regions", False)
+               for name, hook in registry.hooks.items()):  # fmt: skip
             found.append(module)
     return found
 
@@ -127,10 +133,6 @@ class CompiledRegions:
     """
 
     def __init__(self, acc: Accelerator, enabled: bool, **options: Any) -> None:
-        if enabled and acc.modulation != "per_step":
-            # Its hooks sit on the modulations inside the blocks: a compiled block would trace them
-            # and guard on the step (a recompile per step).
-            raise LbridgeError(f"modulation={acc.modulation} is eager only: run it without compiling")
         self.acc = acc
         self.stats = CompileStats(enabled, start=dynamo_counts())
         modules = regions(acc) if enabled else []

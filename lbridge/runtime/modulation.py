@@ -9,9 +9,10 @@ every step (docs/design.md, "ToCa across widths").
 
 The step embedding depends on the step's timestep and on inputs fixed for the whole sample, and all
 of a sample's timesteps are known when it starts (the scheduler's). So at a CFG branch's first call
-in a sample, the time embedding runs once on every step's timestep, and each modulation, at its first
-call, once on all of those embeddings: one matmul of `steps` rows, its weights read once per sample.
-Every call then takes its step's row of the tables.
+in a sample, the time embedding runs once on every step's timestep, and each modulation once on all
+of those embeddings: one matmul of `steps` rows, its weights read once per sample. Every call then
+takes its step's row of the tables, picked by the time embedding's hook before any block runs, so the
+hooks inside the blocks read no step and compile with them (`runtime.compile=true`).
 
 Exactness: the transformer's step embedding *is* the table's row (the time-embedding module's hook
 returns it), so every block sees the same embedding it feeds its modulation; what differs from the
@@ -58,13 +59,14 @@ class StepEmbeddingHook(ModelHook):
         super().__init__()
         self.runtime, self.to_embedding_timesteps = runtime, to_embedding_timesteps
         self.tables: dict[str, StepTable] = {}
-        #: The table of the call under way (None: this call computes per step); the modulations read it.
-        self.current: StepTable | None = None
+        #: The modulations it hands their step's row to, before any block runs (see BatchedModulationHook).
+        self.modulations: list[BatchedModulationHook] = []
 
     def new_forward(self, module: torch.nn.Module, timestep: torch.Tensor, *rest: Any) -> torch.Tensor:
         scheduler = getattr(self.runtime.clock, "scheduler", None)
         if scheduler is None:  # single calls (cost measurement, tests) have no schedule to batch
-            self.current = None
+            for modulation in self.modulations:
+                modulation.row = None
             return self.fn_ref.original_forward(timestep, *rest)
         step, branch = self.runtime.step, self.runtime.branch
         table = self.tables.get(branch)
@@ -73,7 +75,8 @@ class StepEmbeddingHook(ModelHook):
         table.mismatch |= _differs(table.inputs, step, (timestep, *rest))
         if step == len(table.timesteps) - 1:
             self._check(table, branch)
-        self.current = table
+        for modulation in self.modulations:
+            modulation.select(table, step, branch)
         return table.embeddings[step]
 
     def _build(self, timesteps: torch.Tensor, timestep: torch.Tensor, rest: tuple) -> StepTable:
@@ -97,33 +100,48 @@ class StepEmbeddingHook(ModelHook):
 
     def reset(self) -> None:
         self.tables.clear()
-        self.current = None
 
 
 class BatchedModulationHook(ModelHook):
-    """On an AdaLN modulation's linear: its output for every step of the sample, once; then rows."""
+    """On an AdaLN modulation's linear: its output for every step of the sample, once; then rows.
 
-    def __init__(self, runtime: CacheRuntime, embedding: StepEmbeddingHook, norm: torch.nn.Module) -> None:
+    The step embedding's hook, which runs before any block, computes the table and picks the call's
+    row (`select`); this hook, inside the block, only returns it. So it reads no step, branch or
+    table: traced into a compiled block it adds a graph input (the row, the same shape at every
+    step) and no guard that changes between steps, and the blocks compile with it
+    (`traced_in_regions`).
+    """
+
+    traced_in_regions = True
+
+    def __init__(self, embedding: StepEmbeddingHook, norm: torch.nn.Module) -> None:
         super().__init__()
-        self.runtime, self.embedding, self.activation = runtime, embedding, norm.silu
+        self.activation = norm.silu
         self.outputs: dict[str, tuple[StepTable, torch.Tensor]] = {}  # per branch: of which table
+        self.row: torch.Tensor | None = None  # the call's; None: it computes per step
+        embedding.modulations.append(self)
+
+    def select(self, table: StepTable, step: int, branch: str) -> None:
+        """Before the call's blocks run: its row of the branch's table (built at the sample's first call)."""
+        source, output = self.outputs.get(branch, (None, None))
+        if source is not table:
+            output = self.fn_ref.original_forward(self.activation(table.embeddings))
+            self.outputs[branch] = (table, output)
+        self.row = output[step]
 
     def new_forward(self, module: torch.nn.Module, emb: torch.Tensor) -> torch.Tensor:
-        table = self.embedding.current
-        if table is None:
+        row = self.row
+        if row is None:
             return self.fn_ref.original_forward(emb)
-        source, output = self.outputs.get(self.runtime.branch, (None, None))
-        if source is not table:  # the sample's first call on this branch
-            output = self.fn_ref.original_forward(self.activation(table.embeddings))
-            self.outputs[self.runtime.branch] = (table, output)
-        if emb.shape[0] != output.shape[1]:
+        if emb.shape[0] != row.shape[0]:
             raise LbridgeError(
-                f"modulation=batched: a modulation got {emb.shape[0]} rows, its table {output.shape[1]}"
+                f"modulation=batched: a modulation got {emb.shape[0]} rows, its table {row.shape[0]}"
             )
-        return output[self.runtime.step]
+        return row
 
     def reset(self) -> None:
         self.outputs.clear()
+        self.row = None
 
 
 @dataclass
@@ -145,7 +163,7 @@ class StepBatchedModulation:
         register(embedding_module, embedding, EMBEDDING_HOOK)
         self.hooks = [embedding]
         for norm in norms:
-            self.hooks.append(register(norm.linear, BatchedModulationHook(self.runtime, embedding, norm),
+            self.hooks.append(register(norm.linear, BatchedModulationHook(embedding, norm),
                                        MODULATION_HOOK))  # fmt: skip
 
     def detach(self, transformer: torch.nn.Module) -> None:
