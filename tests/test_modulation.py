@@ -32,10 +32,13 @@ class WeightReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def modulation_weights(pipe) -> list[torch.Tensor]:
+def modulations(pipe) -> list[torch.nn.Linear]:
     adaln = AdaLayerNormZero | AdaLayerNormZeroSingle
-    norms = [m for m in pipe.transformer.modules() if isinstance(m, adaln)]
-    return [norm.linear.weight for norm in norms]
+    return [m.linear for m in pipe.transformer.modules() if isinstance(m, adaln)]
+
+
+def modulation_weights(pipe) -> list[torch.Tensor]:
+    return [linear.weight for linear in modulations(pipe)]
 
 
 def sample(pipe, adapter, method: str, modulation: str, seed: int = 0, **params) -> np.ndarray:
@@ -78,7 +81,8 @@ def test_each_sample_gets_its_own_tables_and_removal_restores_the_model(random_f
     again = sample(pipe, adapter, "toca", "batched", seed=0)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
-    assert all(not getattr(w, "_diffusers_hook", None) for w in modulation_weights(pipe))
+    restored = [type(m) is torch.nn.Linear and not hasattr(m, "batched_row") for m in modulations(pipe)]
+    assert restored and all(restored)
     registry = getattr(pipe.transformer.time_text_embed, "_diffusers_hook", None)
     assert registry is None or not [n for n in registry.hooks if n.startswith("lbridge.")]
 

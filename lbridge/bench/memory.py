@@ -23,10 +23,10 @@ def cache_bytes(acc: Accelerator) -> int:
     """Bytes of the distinct tensor storages reachable from the accelerator's hooks (weights excluded)."""
     storages: dict[int, int] = {}
     seen: set[int] = set()
-    modulation = acc.batched_modulation.hooks if acc.batched_modulation is not None else []
     rotary_hooks = acc.rotary.hooks if acc.rotary is not None else []
     rotary = [entry.output for hook in rotary_hooks for entry in hook.entries.values()]
-    stack: list[Any] = [*(hook for _, hook in acc.method._hooks), *modulation, *rotary]
+    # `batched_modulation`: None, or its step embedding hook and each modulation's tables.
+    stack: list[Any] = [*(hook for _, hook in acc.method._hooks), acc.batched_modulation, *rotary]
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, _SKIP) or callable(obj) and not hasattr(obj, "__dict__"):

@@ -192,7 +192,7 @@ class BenchOptions:
     on_row: Callable[[dict[str, Any]], None] | None = None
     #: torch.compile keyword arguments (tests use backend="eager": dynamo's tracing without inductor).
     compile_options: dict[str, Any] = field(default_factory=dict)
-    #: `Accelerator(modulation=...)` of every row, full compute's included (eager only).
+    #: `Accelerator(modulation=...)` of every row, full compute's included (eager and compiled).
     modulation: str = "per_step"
 
 

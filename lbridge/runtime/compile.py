@@ -8,9 +8,9 @@ whose sites then run inside them and are not regions of their own). Each region'
 is replaced by its compiled version *before* the hooks are registered, so the hooks wrap compiled
 code and their Python (the schedule lookup, the cache) never enters a graph: the step index is not
 a guard, and a CACHED step never recompiles. Compiling a whole block whose submodules carry hooks
-would trace the hooks and guard on the step; the exception is a hook made to be traced
-(`traced_in_regions`: the batched modulation's, which only returns a tensor its caller picked
-before the blocks ran), which leaves the blocks regions.
+would trace the hooks and guard on the step (and, under torch 2.11, on each hooked module's own
+`forward` object: a graph per block). What must run inside a block's graph is a module's class
+instead (`modulation=batched`: lbridge/runtime/modulation.py).
 
 Used by `lbridge sample` (`runtime.compile=true`: both of its runs) and by the speed scripts.
 """
@@ -64,16 +64,11 @@ class CompileStats:
 
 
 def hooked_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules under `root` carrying an lbridge hook that must stay outside a graph: the context hook
-    on the root excluded, and hooks made to be traced (`traced_in_regions`: they read nothing that
-    changes between steps, so a region may contain them)."""
+    """Modules under `root` carrying an lbridge hook (the context hook on the root excluded)."""
     found = []
     for module in root.modules():
         registry = getattr(module, "_diffusers_hook", None)
-        if module is root or registry is None:
-            continue
-        if any(name.startswith(PREFIX) and not getattr(hook, "traced_in_regions", False)
-               for name, hook in registry.hooks.items()):  # fmt: skip
+        if module is not root and registry is not None and any(n.startswith(PREFIX) for n in registry.hooks):
             found.append(module)
     return found
 

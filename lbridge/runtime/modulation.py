@@ -37,7 +37,7 @@ from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, register, remove_all
 
 MODULATIONS = ("per_step", "batched")
-EMBEDDING_HOOK, MODULATION_HOOK = "lbridge.modulation.embedding", "lbridge.modulation.linear"
+EMBEDDING_HOOK = "lbridge.modulation.embedding"
 #: AdaLN norms whose `linear(silu(emb))` is the block's modulation of the step embedding.
 ADALN_CLASSES = (AdaLayerNormZero, AdaLayerNormZeroSingle)
 
@@ -59,14 +59,14 @@ class StepEmbeddingHook(ModelHook):
         super().__init__()
         self.runtime, self.to_embedding_timesteps = runtime, to_embedding_timesteps
         self.tables: dict[str, StepTable] = {}
-        #: The modulations it hands their step's row to, before any block runs (see BatchedModulationHook).
-        self.modulations: list[BatchedModulationHook] = []
+        #: The modulations it hands their step's row to, before any block runs.
+        self.modulations: list[ModulationTable] = []
 
     def new_forward(self, module: torch.nn.Module, timestep: torch.Tensor, *rest: Any) -> torch.Tensor:
         scheduler = getattr(self.runtime.clock, "scheduler", None)
         if scheduler is None:  # single calls (cost measurement, tests) have no schedule to batch
             for modulation in self.modulations:
-                modulation.row = None
+                modulation.clear()
             return self.fn_ref.original_forward(timestep, *rest)
         step, branch = self.runtime.step, self.runtime.branch
         table = self.tables.get(branch)
@@ -100,56 +100,68 @@ class StepEmbeddingHook(ModelHook):
 
     def reset(self) -> None:
         self.tables.clear()
+        for modulation in self.modulations:
+            modulation.reset()
 
 
-class BatchedModulationHook(ModelHook):
-    """On an AdaLN modulation's linear: its output for every step of the sample, once; then rows.
+class BatchedModulationLinear(torch.nn.Linear):
+    """An AdaLN modulation's `nn.Linear` while `modulation=batched` is attached: it returns the row
+    of its table that the step embedding's hook picked before any block ran (`batched_row`; None:
+    it computes per step).
 
-    The step embedding's hook, which runs before any block, computes the table and picks the call's
-    row (`select`); this hook, inside the block, only returns it. So it reads no step, branch or
-    table: traced into a compiled block it adds a graph input (the row, the same shape at every
-    step) and no guard that changes between steps, and the blocks compile with it
-    (`traced_in_regions`).
+    It is the module's class, swapped in and back (as `torch.nn.utils.parametrize` swaps a
+    parametrized module's), not a diffusers hook: a hook replaces each module's `forward` with an
+    object of its own, which dynamo (torch 2.11) traces into a compiled block with a guard on its
+    identity, so every block would compile anew (the cache limit ends that with eager blocks). A
+    class's forward is one function for every block, and the row a graph input: the blocks compile
+    with it, once, and no graph depends on the step.
     """
 
-    traced_in_regions = True
+    batched_row: torch.Tensor | None
 
-    def __init__(self, embedding: StepEmbeddingHook, norm: torch.nn.Module) -> None:
-        super().__init__()
-        self.activation = norm.silu
-        self.outputs: dict[str, tuple[StepTable, torch.Tensor]] = {}  # per branch: of which table
-        self.row: torch.Tensor | None = None  # the call's; None: it computes per step
-        embedding.modulations.append(self)
-
-    def select(self, table: StepTable, step: int, branch: str) -> None:
-        """Before the call's blocks run: its row of the branch's table (built at the sample's first call)."""
-        source, output = self.outputs.get(branch, (None, None))
-        if source is not table:
-            output = self.fn_ref.original_forward(self.activation(table.embeddings))
-            self.outputs[branch] = (table, output)
-        self.row = output[step]
-
-    def new_forward(self, module: torch.nn.Module, emb: torch.Tensor) -> torch.Tensor:
-        row = self.row
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        row = self.batched_row
         if row is None:
-            return self.fn_ref.original_forward(emb)
+            return super().forward(emb)
         if emb.shape[0] != row.shape[0]:
             raise LbridgeError(
                 f"modulation=batched: a modulation got {emb.shape[0]} rows, its table {row.shape[0]}"
             )
         return row
 
+
+class ModulationTable:
+    """One AdaLN modulation's output for every step of a sample, once per CFG branch; its row per call."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        self.linear, self.activation = norm.linear, norm.silu
+        self.outputs: dict[str, tuple[StepTable, torch.Tensor]] = {}  # per branch: of which table
+
+    def select(self, table: StepTable, step: int, branch: str) -> None:
+        """Before the call's blocks run: its row of the branch's table (built at the sample's first call)."""
+        source, output = self.outputs.get(branch, (None, None))
+        if source is not table:
+            output = torch.nn.Linear.forward(self.linear, self.activation(table.embeddings))
+            self.outputs[branch] = (table, output)
+        self.linear.batched_row = output[step]
+
+    def clear(self) -> None:
+        """The call computes its modulation per step (calls outside a sample's schedule)."""
+        self.linear.batched_row = None
+
     def reset(self) -> None:
         self.outputs.clear()
-        self.row = None
+        self.clear()
 
 
 @dataclass
 class StepBatchedModulation:
-    """The hooks of `modulation=batched` on one transformer (see the module's docstring)."""
+    """`modulation=batched` on one transformer: the step embedding's hook, and each modulation's
+    class swapped (see the module's docstring)."""
 
     runtime: CacheRuntime
-    hooks: list[ModelHook] = field(default_factory=list)
+    embedding: StepEmbeddingHook | None = None
+    linears: list[torch.nn.Linear] = field(default_factory=list)
 
     def attach(self, transformer: torch.nn.Module, adapter: Any) -> None:
         embedding_module = adapter.step_embedding(transformer)
@@ -159,20 +171,31 @@ class StepBatchedModulation:
                 f"modulation=batched is not available for model '{adapter.name}' (its adapter names no "
                 f"step embedding, or its blocks have no AdaLN modulation); accepted: {MODULATIONS[0]}"
             )
-        embedding = StepEmbeddingHook(self.runtime, adapter.embedding_timesteps)
-        register(embedding_module, embedding, EMBEDDING_HOOK)
-        self.hooks = [embedding]
+        other = [type(n.linear).__name__ for n in norms if type(n.linear) is not torch.nn.Linear]
+        if other:
+            raise LbridgeError(
+                f"modulation=batched: an AdaLN modulation is a {other[0]}, not a torch.nn.Linear (a "
+                f"quantized or adapted layer); accepted: {MODULATIONS[0]}"
+            )
+        self.embedding = StepEmbeddingHook(self.runtime, adapter.embedding_timesteps)
+        register(embedding_module, self.embedding, EMBEDDING_HOOK)
         for norm in norms:
-            self.hooks.append(register(norm.linear, BatchedModulationHook(embedding, norm),
-                                       MODULATION_HOOK))  # fmt: skip
+            self.embedding.modulations.append(ModulationTable(norm))
+            norm.linear.__class__ = BatchedModulationLinear
+            norm.linear.batched_row = None
+            self.linears.append(norm.linear)
 
     def detach(self, transformer: torch.nn.Module) -> None:
-        remove_all(transformer, [EMBEDDING_HOOK, MODULATION_HOOK])
-        self.hooks.clear()
+        remove_all(transformer, [EMBEDDING_HOOK])
+        for linear in self.linears:
+            linear.__class__ = torch.nn.Linear
+            del linear.batched_row
+        self.linears.clear()
+        self.embedding = None
 
     def reset(self) -> None:
-        for hook in self.hooks:
-            hook.reset()
+        if self.embedding is not None:
+            self.embedding.reset()
 
 
 def check_modulation(modulation: str, key: str = "modulation") -> str:
