@@ -14,7 +14,8 @@
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager (ToCa also with its
 #           blocks under their modules' hooks: toca:fused_blocks=false), then FORA and ToCa
-#           with modulation=batched, then ToCa's module by module; profile-compiled: compiled
+#           with modulation=batched, then ToCa's module by module; profile-compiled: compiled (FORA
+#           and ToCa also with modulation=batched)
 # Files are copied to $OUT as they are written (every MIRROR_S seconds), not only at the end: the
 # device tool kills a command at its time limit and brings back what $OUT holds then, so a part cut
 # short still hands back the rows its script had written (bench_speed.py rewrites its csv after every row).
@@ -130,5 +131,6 @@ EOF
     profile --methods fora,toca --runs 3 --modulation batched "$@"
     profile --methods toca --runs 3 --modules "$@" ;;
   profile-compiled)
-    profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@" ;;
+    profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@"
+    profile --methods fora,toca --runs 3 --compile --modulation batched "$@" ;;
 esac
