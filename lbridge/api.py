@@ -167,15 +167,19 @@ class Accelerator:
         if self.runtime is None:
             raise LbridgeError("plan() the schedule before attaching")
         if not self.attached:
-            self.method.attach(self.transformer, self.adapter, self.runtime)
-            if self.modulation == "batched":
-                self.batched_modulation = StepBatchedModulation(self.runtime)
-                self.batched_modulation.attach(self.transformer, self.adapter)
-            self.rotary = RotaryCache(self.runtime)  # exact, so always on
-            self.rotary.attach(self.transformer, self.adapter)
-            # Registered last, so it is the outermost hook: the context is set before anything runs.
-            register(self.transformer, StepContextHook(self.runtime), CONTEXT_HOOK)
-            self.attached = True
+            self.attached = True  # so that `remove` takes back what a refusal below left attached
+            try:
+                self.method.attach(self.transformer, self.adapter, self.runtime)
+                if self.modulation == "batched":
+                    self.batched_modulation = StepBatchedModulation(self.runtime)
+                    self.batched_modulation.attach(self.transformer, self.adapter)
+                self.rotary = RotaryCache(self.runtime)  # exact, so always on
+                self.rotary.attach(self.transformer, self.adapter)
+                # Registered last, so it is the outermost hook: the context is set before anything runs.
+                register(self.transformer, StepContextHook(self.runtime), CONTEXT_HOOK)
+            except BaseException:
+                self.remove()
+                raise
         return self
 
     def remove(self) -> None:
@@ -184,8 +188,9 @@ class Accelerator:
             if self.batched_modulation is not None:
                 self.batched_modulation.detach(self.transformer)
                 self.batched_modulation = None
-            self.rotary.detach(self.transformer)
-            self.rotary = None
+            if self.rotary is not None:
+                self.rotary.detach(self.transformer)
+                self.rotary = None
             remove_all(self.transformer, [CONTEXT_HOOK])
             self.attached = False
 

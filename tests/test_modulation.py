@@ -113,3 +113,25 @@ def test_an_unknown_modulation_is_refused_naming_the_accepted_ones(random_flux):
     adapter, pipe = random_flux
     with pytest.raises(LbridgeError, match="unknown modulation 'cached' \\(accepted: per_step, batched\\)"):
         lbridge.accelerate(pipe, "fora", 2.0, adapter=adapter, modulation="cached")
+
+
+def test_a_modulation_that_is_not_a_plain_linear_is_refused_naming_its_type(random_flux):
+    adapter, pipe = random_flux
+
+    class QuantizedLinear(torch.nn.Linear):  # stands for a quantized or adapted layer
+        pass
+
+    linear = modulations(pipe)[0]
+    original = linear.__class__
+    linear.__class__ = QuantizedLinear
+    try:
+        refused = "an AdaLN modulation is a QuantizedLinear, not a torch.nn.Linear"
+        with pytest.raises(LbridgeError, match=refused):
+            lbridge.accelerate(pipe, "fora", 2.0, adapter=adapter, modulation="batched", prompt="a cat",
+                               **adapter.pipeline_kwargs())  # fmt: skip
+    finally:
+        linear.__class__ = original
+    assert all(type(m) is torch.nn.Linear for m in modulations(pipe))
+    hooked = [m for m in pipe.transformer.modules() if getattr(m, "_diffusers_hook", None) is not None
+              and any(n.startswith("lbridge.") for n in m._diffusers_hook.hooks)]  # fmt: skip
+    assert not hooked  # nothing of the refused accelerator left on the model

@@ -12,7 +12,7 @@ of a sample's timesteps are known when it starts (the scheduler's). So at a CFG 
 in a sample, the time embedding runs once on every step's timestep, and each modulation once on all
 of those embeddings: one matmul of `steps` rows, its weights read once per sample. Every call then
 takes its step's row of the tables, picked by the time embedding's hook before any block runs, so the
-hooks inside the blocks read no step and compile with them (`runtime.compile=true`).
+modulations inside the blocks read no step and compile with them (`runtime.compile=true`).
 
 Exactness: the transformer's step embedding *is* the table's row (the time-embedding module's hook
 returns it), so every block sees the same embedding it feeds its modulation; what differs from the
