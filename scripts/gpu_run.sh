@@ -13,9 +13,9 @@
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
 # compiled: regional torch.compile of full compute, FORA, ToCa, LearniBridge
 # profile:  ms per CACHED call vs its FLOPs share (profile_cached_step.py), eager (ToCa also with its
-#           blocks under their modules' hooks: toca:fused_blocks=false), then FORA and ToCa
-#           with modulation=batched, then ToCa's module by module; profile-compiled: compiled (FORA
-#           and ToCa also with modulation=batched)
+#           blocks under their modules' hooks: toca:fused_blocks=false) with each call's matrix
+#           products timed alone (--gemms), then FORA and ToCa with modulation=batched, then ToCa's
+#           module by module; profile-compiled: compiled (FORA and ToCa also with modulation=batched)
 # Files are copied to $OUT as they are written (every MIRROR_S seconds), not only at the end: the
 # device tool kills a command at its time limit and brings back what $OUT holds then, so a part cut
 # short still hands back the rows its script had written (bench_speed.py rewrites its csv after every row).
@@ -127,7 +127,7 @@ EOF
   compiled)
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)
-    profile --methods fora,toca,toca:fused_blocks=false,learnibridge,fbcache --runs 3 "$@"
+    profile --methods fora,toca,toca:fused_blocks=false,learnibridge,fbcache --runs 3 --gemms "$@"
     profile --methods fora,toca --runs 3 --modulation batched "$@"
     profile --methods toca --runs 3 --modules "$@" ;;
   profile-compiled)

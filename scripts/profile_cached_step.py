@@ -28,6 +28,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown
 from lbridge.bench.device import device_name, file_stem
+from lbridge.bench.gemms import Product, WeightStream, product_seconds, products_per_call
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import method_params
@@ -136,6 +138,55 @@ def dispatched_ops(loop: DenoisingLoop, contender: CompiledRegions) -> dict[str,
     return {"full_ops": counts[0], "cached_ops": int(statistics.median(counts[first_cached:]))}
 
 
+class ProductTimes(dict):
+    """Seconds of each matrix product timed alone (hot, streamed), each product timed once."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device, self.streams = device, {}
+
+    def __missing__(self, product: Product) -> tuple[float, float]:
+        stream = self.streams.get(product.dtype) or WeightStream(product.dtype, self.device)
+        self.streams[product.dtype] = stream
+        hot, streamed = product_seconds(product, self.device), product_seconds(product, self.device, stream)
+        self[product] = hot, streamed
+        return self[product]
+
+
+def second_call_products(loop: DenoisingLoop, acc: Accelerator) -> Counter[Product]:
+    """The matrix products of the second step's call (one eager run): a steady one, where the first
+    call of a run also builds what a run keeps (`modulation=batched`'s tables)."""
+    return products_per_call(loop.transformer, lambda: run_once(loop, CompiledRegions(acc, False)))[
+        len(loop.branches)
+    ]
+
+
+def gemm_columns(
+    full: Counter[Product], cached: Counter[Product], spec: str, times: ProductTimes
+) -> tuple[dict, list]:
+    """The matrix products of a FULL call (full compute's) and of the method's CACHED call, each timed
+    alone: their sums with the weights streamed, the CACHED one against its own FLOPs share of the
+    FULL one; and one row per product."""
+    products = []
+    by_time_in_a_cached_call = lambda p: (-cached[p] * p.flops, -full[p] * p.flops)  # noqa: E731
+    for product in sorted(full.keys() | cached.keys(), key=by_time_in_a_cached_call):
+        hot, streamed = times[product]
+        products.append({"method": spec, "product": product.label(), "op": product.op,
+                         "full_calls": full[product], "cached_calls": cached[product],
+                         "gflop": product.flops / 1e9, "hot_us": 1e6 * hot, "streamed_us": 1e6 * streamed,
+                         "hot_gflops": product.flops / hot / 1e9,
+                         "streamed_gflops": product.flops / streamed / 1e9})  # fmt: skip
+
+    def total(counts) -> tuple[float, int]:
+        return sum(n * times[p][1] for p, n in counts.items()), sum(n * p.flops for p, n in counts.items())
+
+    (full_s, full_flops), (cached_s, cached_flops) = total(full), total(cached)
+    share = full_s * cached_flops / full_flops
+    columns = {"gemm_cached_ms": 1000 * cached_s, "gemm_share_ms": 1000 * share,
+               "gemm_excess_ms": 1000 * (cached_s - share), "gemm_ratio": cached_s / share}  # fmt: skip
+    return columns, products
+
+
 def planned(loop: DenoisingLoop, adapter, name: str, pattern: str, modulation: str, **params) -> Accelerator:
     method = load_method(name, **{**method_params(name, loop.config.steps), **params})
     acc = Accelerator(loop, method, adapter, modulation)
@@ -144,15 +195,19 @@ def planned(loop: DenoisingLoop, adapter, name: str, pattern: str, modulation: s
     return acc
 
 
-def profile_config(config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """One row per method: its median CACHED call against its FLOPs share of the median FULL call."""
+def profile_config(
+    config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, products: list | None = None
+) -> list[dict]:
+    """One row per method: its median CACHED call against its FLOPs share of the median FULL call.
+    With `args.gemms`, also its matrix products' (`gemm_columns`), one row per product into `products`."""
     loop = DenoisingLoop(build_transformer(config, device, dtype), config, device, dtype)
     adapter = adapter_for(loop.transformer)(name=config.name, device=str(device))
     steps = config.steps
     options = {"backend": args.compile_backend}
-    reference = planned(loop, adapter, "none", "F" * steps, args.modulation)
-    reference = CompiledRegions(reference, args.compile, **options)
-    rows = []
+    full_compute = planned(loop, adapter, "none", "F" * steps, args.modulation)
+    reference = CompiledRegions(full_compute, args.compile, **options)
+    rows, times = [], ProductTimes(device)
+    full_products = second_call_products(loop, full_compute) if args.gemms else None
     for spec in args.methods.split(","):
         name, params = method_spec(spec)
         acc = planned(loop, adapter, name, "F" + "c" * (steps - 1), args.modulation, **params)
@@ -168,6 +223,14 @@ def profile_config(config, args: argparse.Namespace, device: torch.device, dtype
                      "full_ms": 1000 * full, "method_full_ms": 1000 * method_full,
                      "cached_host_ms": None if host is None else 1000 * host,
                      **({} if args.compile else dispatched_ops(loop, method))})  # fmt: skip
+        if args.gemms:
+            columns, per_product = gemm_columns(full_products, second_call_products(loop, acc), spec, times)
+            rows[-1].update(columns)
+            products += per_product
+            print(
+                f"{'':{len(config.name)}s} {spec:12s} products alone {columns['gemm_cached_ms']:7.2f} ms; "
+                f"their own share {columns['gemm_share_ms']:7.2f} ms"
+            )
         if spec == args.profile:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with method.installed(), profile(activities=activities) as prof:
@@ -248,6 +311,8 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="a method whose run torch.profiler tabulates")
     p.add_argument("--modules", action="store_true",
                    help="each CACHED call by module vs the module's FLOPs share (eager only)")  # fmt: skip
+    p.add_argument("--gemms", action="store_true",
+                   help="also each call's matrix products timed alone (<stem>-gemms)")  # fmt: skip
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     p.add_argument(
         "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
@@ -255,6 +320,8 @@ def main() -> None:
     args = p.parse_args()
     if args.modules and (args.compile or args.heads):
         p.error("--modules times the modules of eager calls at one width: leave out --compile and --heads")
+    if args.gemms and (args.modules or args.heads):
+        p.error("--gemms times the products of whole calls at one width: leave out --modules and --heads")
     for spec in args.methods.split(","):  # before minutes of timing: a bad name or key is one line
         name, params = method_spec(spec)
         try:
@@ -264,16 +331,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    config = CONFIGS[args.config]
+    config, products = CONFIGS[args.config], []
     if args.heads:  # a width sweep: one table, a `dim` column
         rows = []
         for heads in args.heads:
             dim, widened = heads * config.transformer["attention_head_dim"], with_heads(config, heads)
             rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype)]
+    elif args.modules:
+        rows = breakdown_config(config, args, device, dtype)
     else:
-        rows = (breakdown_config if args.modules else profile_config)(config, args, device, dtype)
+        rows = profile_config(config, args, device, dtype, products)
     if args.out:
-        write(pd.DataFrame(rows), args, device, config)
+        write(pd.DataFrame(rows), args, device, config, pd.DataFrame(products))
 
 
 UNHOOKED = "(call without the hooks)"
@@ -283,6 +352,26 @@ CALL_COLUMNS = (
     "`full_ops`, `cached_ops` (eager only): ATen operations a FULL and a CACHED call dispatch, views "
     "included: each costs host time whatever its size. `cached_host_ms` (CUDA only): the host's time "
     "of a CACHED call up to its return; near `cached_ms`, the host bounds the call, not the GPU"
+)
+GEMM_COLUMNS = (
+    ". `gemm_*` (`--gemms`): the matrix products (`mm`, `addmm`, `bmm`, `baddbmm`; attention kernels "
+    "are not among them) of full compute's FULL call and of the method's CACHED call (one eager run "
+    "each records them), each timed alone with its weight streamed, summed per call: "
+    "`gemm_cached_ms` against `gemm_share_ms`, the FULL call's sum x the products' CACHED/FULL FLOPs; "
+    "`gemm_excess_ms` their difference, the products' own excess with no Python, bookkeeping or "
+    "elementwise work in it (beside `excess_ms`, whose share prices that work in the FULL call too: "
+    "the two compare, they do not add up)"
+)
+PRODUCT_COLUMNS = (
+    "- one row per matrix product of full compute's FULL call or the method's CACHED call: `product` "
+    "rows x k x n (rows: every dimension of the left matrix but its last); `full_calls`, how many a "
+    "FULL call runs (full compute's second call: a run's first also builds what the run keeps), "
+    "`cached_calls`, how many the method's first CACHED call runs (one eager run each records them); "
+    "each product timed alone, fastest of 3 rounds after a warm-up round, with its right matrix (a "
+    "linear layer's weight) `hot` (the same matrix at every call: in cache when it fits) and "
+    "`streamed` (a new one at every call, views walking through a 256 MB pool, beyond any last-level "
+    "cache: as a call that reads every block's weights once meets them). A product of few rows whose "
+    "`streamed_gflops` falls below its `hot_gflops` is bound by reading its weights"
 )
 MODULE_COLUMNS = (
     "- `module`: a module of every block (`transformer_blocks.*.ff`) or of the transformer; "
@@ -299,7 +388,9 @@ MODULE_COLUMNS = (
 )
 
 
-def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config) -> None:
+def write(
+    table: pd.DataFrame, args: argparse.Namespace, device: torch.device, config, products: pd.DataFrame
+) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/profile_cached_step.py", *sys.argv[1:]])
     clock = "synchronised wall time" if device.type == "cuda" else "this process's CPU time"
     compiled = f"; both with regional torch.compile ({args.compile_backend})" if args.compile else ""
@@ -324,13 +415,17 @@ def write(table: pd.DataFrame, args: argparse.Namespace, device: torch.device, c
         f"{'; widths: the `dim` column (heads of the same size)' if args.heads else ''}\n"
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"load average (1 min) {os.getloadavg()[0]:.2f} at the end\n"
-        f"{MODULE_COLUMNS if args.modules else CALL_COLUMNS}\n\n"
     )
+    columns = MODULE_COLUMNS if args.modules else CALL_COLUMNS + (GEMM_COLUMNS if args.gemms else "")
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
     suffix += "-modules" if args.modules else ""
     suffix += "-batched-modulation" if args.modulation == "batched" else ""
     stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
-    files = write_csv_md(table, Path(args.out), stem, caption, command)
+    files = write_csv_md(table, Path(args.out), stem, caption + columns + "\n\n", command)
+    if args.gemms:
+        what = f"The matrix products of each method's calls, each timed alone ({clock}){batched}.\n\n"
+        caption = what + caption + PRODUCT_COLUMNS + "\n\n"
+        files += write_csv_md(products, Path(args.out), f"{stem}-gemms", caption, command)
     print("written:", ", ".join(map(str, files)))
 
 

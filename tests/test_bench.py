@@ -399,7 +399,7 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
             ["--methods", "fora", "--runs", "1"],
             [
                 f"cpu-cached-step{kind}.{ext}"
-                for kind in ("", "-batched-modulation", "-modules")
+                for kind in ("", "-gemms", "-batched-modulation", "-modules")
                 for ext in ("csv", "md")
             ],
         ),
@@ -585,6 +585,42 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
     assert table["method"].tolist() == ["toca"]
     caption = (tmp_path / "cpu-cached-step-batched-modulation.md").read_text()
     assert "both with `modulation=batched`" in caption
+
+
+def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file_of_its_own(
+    tmp_path, monkeypatch, capsys
+):
+    args = [
+        "--config",
+        "flux-tiny",
+        "--methods",
+        "fora,toca",
+        "--runs",
+        "1",
+        "--gemms",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
+    load_script("profile_cached_step").main()
+    calls = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#").set_index("method")
+    recomputed = calls["gemm_cached_ms"] / calls["gemm_share_ms"]  # from 4-decimal csv values of ~5 us
+    assert (((calls["gemm_ratio"] - recomputed) / recomputed).abs() < 5e-2).all()
+    products = pd.read_csv(tmp_path / "cpu-cached-step-gemms.csv", comment="#")
+    summed = (products["cached_calls"] * products["streamed_us"] / 1000).groupby(products["method"]).sum()
+    assert ((summed - calls["gemm_cached_ms"]).abs() < 1e-3).all()  # the column is the sum of the rows
+    fora, toca = (products[products["method"] == m] for m in ("fora", "toca"))
+    # FORA's CACHED call runs the embeddings and the head: products its FULL calls run too.
+    assert (fora.loc[fora["cached_calls"] > 0, "full_calls"] > 0).all()
+    # ToCa's refreshes run the MLPs on a few rows, products no FULL call runs.
+    refreshed = toca[(toca["cached_calls"] > 0) & (toca["full_calls"] == 0)]
+    rows = lambda frame: frame["product"].str.split(" x ").str[0].astype(int)  # noqa: E731
+    assert len(refreshed) and rows(refreshed).max() < rows(toca[toca["full_calls"] > 0]).max()
+    assert "`streamed` (a new one at every call" in (tmp_path / "cpu-cached-step-gemms.md").read_text()
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--gemms", "--modules"])
+    with pytest.raises(SystemExit):
+        load_script("profile_cached_step").main()
+    assert "--gemms times the products of whole calls at one width" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "params"), [("none", {}), ("fora", {}), ("toca", {}), ("learnibridge", {}),
