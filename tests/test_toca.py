@@ -291,6 +291,19 @@ def test_a_flux_block_runs_as_one_forward_at_every_step_and_samples_what_its_hoo
     assert (fused_norm1_calls, len(norm1_calls)) == (0, 8)
 
 
+@pytest.mark.parametrize(
+    "index", [[], [1, 3], [5, 6, 9], [2, 4, 7], list(range(10))], ids=["none", "text", "image", "both", "all"]
+)
+def test_the_refreshed_tokens_gathered_from_two_streams_are_those_of_their_concatenation(index):
+    """A compiled single FLUX block gathers its refreshed tokens from its text and image streams
+    without writing their concatenation (`ChainAtStep.gather(*parts)`): the same values."""
+    text, image, index = torch.randn(2, 4, 3), torch.randn(2, 6, 3), torch.tensor(index, dtype=torch.long)
+    joined = torch.cat([text, image], dim=1)
+    expected = joined.index_select(1, index)
+    assert torch.equal(toca._gathered_from_parts((text, image), index), expected)
+    assert torch.equal(toca._gathered_from_parts((text[:, :0], joined), index), expected)  # an empty part
+
+
 def test_the_one_forward_blocks_are_those_of_the_transformer_installed_on_and_kept_across_installs():
     """Two per block, its FULL and its CACHED forward: the regions regional compile compiles for
     ToCa's blocks. A reinstall on the same transformer keeps them (and their compiled forwards),

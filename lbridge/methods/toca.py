@@ -378,10 +378,12 @@ class ChainAtStep:
         if self.attention_hook is not None:
             self.reused = self.attention_hook.outputs[branch]
 
-    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[1] != self.kept.shape[1]:
-            raise RuntimeError(f"toca: input {tuple(tokens.shape)} does not match the cached tokens")
-        return _gathered(tokens, self.index)
+    def gather(self, *parts: torch.Tensor) -> torch.Tensor:
+        """The refreshed tokens of the chain's input, given whole or as parts of it along dim 1."""
+        if sum(part.shape[1] for part in parts) != self.kept.shape[1]:
+            shapes = " + ".join(str(tuple(part.shape)) for part in parts)
+            raise RuntimeError(f"toca: input {shapes} does not match the cached tokens")
+        return _gathered(parts[0], self.index) if len(parts) == 1 else _gathered_from_parts(parts, self.index)
 
     def exit(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.index.numel():  # none: the kept output as it is (refresh_ratio=0 is FORA's reuse)
@@ -458,6 +460,19 @@ class ReusedAttentionBlockHook(ModelHook):
 def _gathered(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The tokens `index` (dim 1); all of them: `tokens` itself, no copy."""
     return tokens if index.numel() == tokens.shape[1] else tokens.index_select(1, index)
+
+
+def _gathered_from_parts(parts: tuple[torch.Tensor, ...], index: torch.Tensor) -> torch.Tensor:
+    """The tokens `index` of the parts' concatenation along dim 1, each read from the part that holds
+    it: selections only (the same values), and compiled, the concatenation is never written."""
+    gathered, start = None, 0
+    for part in (part for part in parts if part.shape[1]):  # an empty part holds no token
+        local = index - start
+        inside = ((local >= 0) & (local < part.shape[1])).view(1, -1, *[1] * (part.dim() - 2))
+        picked = part.index_select(1, local.clamp(0, part.shape[1] - 1))
+        gathered = picked if gathered is None else torch.where(inside, picked, gathered)
+        start += part.shape[1]
+    return gathered
 
 
 def _update(cache: CachedOutput, index: torch.Tensor, fresh: Callable[[], torch.Tensor]) -> torch.Tensor:

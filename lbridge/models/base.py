@@ -242,8 +242,9 @@ class ChainStep(Protocol):
     runs it: `gather` its input tokens, `entry` on them, then `exit` on what the block made of them.
     At a FULL step (`FullStep`) `gather` returns every token and `exit` the module's output."""
 
-    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The refreshed tokens of the chain's input (picked for this call before it began)."""
+    def gather(self, *parts: torch.Tensor) -> torch.Tensor:
+        """The refreshed tokens of the chain's input (picked for this call before it began), given
+        whole or, at a CACHED step, as parts along dim 1 (their concatenation's tokens)."""
         ...
 
     def entry(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
