@@ -365,6 +365,12 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     assert f"command: `{command}" in (tmp_path / f"{stem}.md").read_text()
 
 
+def run_profile(monkeypatch, *args: str) -> None:
+    """scripts/profile_cached_step.py in this process, on flux-tiny, one run per side, then `args`."""
+    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--config", "flux-tiny", "--runs", "1", *args])
+    load_script("profile_cached_step").main()
+
+
 def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_path, monkeypatch):
     args = ["--config", "flux-tiny", "--heads", "2,4", "--methods", "fora", "--runs", "1"]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
@@ -477,18 +483,7 @@ def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monk
 
 
 def test_a_method_with_a_parameter_overridden_is_profiled_beside_the_default(monkeypatch, tmp_path):
-    args = [
-        "--config",
-        "flux-tiny",
-        "--methods",
-        "toca,toca:fused_blocks=false",
-        "--runs",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
-    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
-    load_script("profile_cached_step").main()
+    run_profile(monkeypatch, "--methods", "toca,toca:fused_blocks=false", "--out", str(tmp_path))
     table = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#")
     assert table["method"].tolist() == ["toca", "toca:fused_blocks=false"]
     # The same work either way: the one-forward blocks dispatch no more operations than the hooked ones.
@@ -590,19 +585,7 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
 def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file_of_its_own(
     tmp_path, monkeypatch, capsys
 ):
-    args = [
-        "--config",
-        "flux-tiny",
-        "--methods",
-        "fora,toca",
-        "--runs",
-        "1",
-        "--gemms",
-        "--out",
-        str(tmp_path),
-    ]
-    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args])
-    load_script("profile_cached_step").main()
+    run_profile(monkeypatch, "--methods", "fora,toca", "--gemms", "--out", str(tmp_path))
     calls = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#").set_index("method")
     recomputed = calls["gemm_cached_ms"] / calls["gemm_share_ms"]  # from 4-decimal csv values of ~5 us
     assert (((calls["gemm_ratio"] - recomputed) / recomputed).abs() < 5e-2).all()
