@@ -320,8 +320,8 @@ def main() -> None:
     args = p.parse_args()
     if args.modules and (args.compile or args.heads):
         p.error("--modules times the modules of eager calls at one width: leave out --compile and --heads")
-    if args.gemms and (args.modules or args.heads):
-        p.error("--gemms times the products of whole calls at one width: leave out --modules and --heads")
+    if args.gemms and args.modules:
+        p.error("--gemms times the products of whole calls: leave out --modules")
     for spec in args.methods.split(","):  # before minutes of timing: a bad name or key is one line
         name, params = method_spec(spec)
         try:
@@ -336,7 +336,9 @@ def main() -> None:
         rows = []
         for heads in args.heads:
             dim, widened = heads * config.transformer["attention_head_dim"], with_heads(config, heads)
-            rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype)]
+            before = len(products)
+            rows += [{"dim": dim, **row} for row in profile_config(widened, args, device, dtype, products)]
+            products[before:] = [{"dim": dim, **row} for row in products[before:]]
     elif args.modules:
         rows = breakdown_config(config, args, device, dtype)
     else:

@@ -372,11 +372,13 @@ def run_profile(monkeypatch, *args: str) -> None:
 
 
 def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_path, monkeypatch):
-    args = ["--config", "flux-tiny", "--heads", "2,4", "--methods", "fora", "--runs", "1"]
-    monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
-    load_script("profile_cached_step").main()
+    run_profile(monkeypatch, "--heads", "2,4", "--methods", "fora", "--gemms", "--out", str(tmp_path))
     table = pd.read_csv(tmp_path / "cpu-cached-step-width.csv", comment="#")
     assert table[["dim", "method"]].values.tolist() == [[32, "fora"], [64, "fora"]]  # 16-wide heads
+    products = pd.read_csv(tmp_path / "cpu-cached-step-width-gemms.csv", comment="#")
+    assert sorted(products["dim"].unique()) == [32, 64]
+    for dim in (32, 64):  # each width's own products: its single blocks' MLP, dim -> 4 dim on 24 tokens
+        assert f"24 x {dim} x {4 * dim}" in set(products.loc[products["dim"] == dim, "product"])
     widened = with_heads(CONFIGS["flux-tiny"], 4)
     assert widened.transformer == {**CONFIGS["flux-tiny"].transformer, "num_attention_heads": 4}
     assert build_transformer(widened, torch.device("cpu"), torch.float32).inner_dim == 64
@@ -603,7 +605,7 @@ def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--gemms", "--modules"])
     with pytest.raises(SystemExit):
         load_script("profile_cached_step").main()
-    assert "--gemms times the products of whole calls at one width" in capsys.readouterr().err
+    assert "--gemms times the products of whole calls: leave out --modules" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "params"), [("none", {}), ("fora", {}), ("toca", {}), ("learnibridge", {}),
