@@ -6,8 +6,8 @@
 #
 #   scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [more arguments of the part's script]
 #
-# check:    versions, the device's copy bandwidth and bf16 matmul rate, every code path on flux-tiny,
-#           and `lbridge sample runtime.compile=true` on the tiny model
+# check:    versions, the device's copy bandwidth and bf16 matmul rate, every code path on flux-tiny
+#           (the profile's too), and `lbridge sample runtime.compile=true` on the tiny model
 # stack:    eager FORA, TaylorSeer, FoCa, L2P, TCC at ratios 2-6
 # others:   eager ToCa, TeaCache, FirstBlockCache, MagCache
 # bridge:   eager LearniBridge and its LoRA fit time per ratio (calibrate_s; ~5 min at flux-dev: its own call)
@@ -111,6 +111,8 @@ if device.type == "cuda":
 EOF
     bench --config flux-tiny --methods fora,toca,learnibridge --ratios 2 --repeats 1 \
       --compile-methods toca,learnibridge --calib-prompts 1 --calib-steps 5 --name "$stem-check" "$@"
+    # The profile's paths on the device, matrix products timed alone included (the profile part's).
+    profile --config flux-tiny --methods fora,toca --runs 1 --gemms --name "$stem-check-profile"
     # The command line on the device: `lbridge sample` with ToCa's sites compiled under its hooks
     # (it prints the graphs built while timed: 0), on the embedded tiny model.
     samples=$(mktemp -d)

@@ -401,7 +401,15 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
 @pytest.mark.parametrize(
     "part, args, written",
     [
-        ("check", ["--compile-backend", "eager"], ["cpu-check.csv", "cpu-check.md"]),
+        (
+            "check",
+            ["--compile-backend", "eager"],
+            [
+                f"cpu-check{kind}.{ext}"
+                for kind in ("", "-profile", "-profile-gemms")
+                for ext in ("csv", "md")
+            ],
+        ),
         (
             "profile",
             ["--methods", "fora", "--runs", "1"],
