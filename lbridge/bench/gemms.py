@@ -4,8 +4,8 @@ FLOPs price every product of a CACHED call at the FULL call's rate. A product of
 its k x n weights whatever m is, and a call reads each block's weights once: when m is small (ToCa's
 refreshed tokens, the text stream's few rows, a one-row modulation) that read, not the arithmetic,
 sets the product's time. Timing each product of a call alone, once with its weights hot (the same
-matrix again and again) and once streamed (a fresh copy each time, the copies together larger than
-any last-level cache, as a call that walks every block's weights meets them), gives the bound the
+matrix again and again) and once streamed (a new one each time, views walking through a pool larger
+than any last-level cache, as a call that walks every block's weights meets them), gives the bound the
 products alone put on a CACHED call, with no bookkeeping, Python or elementwise work in it.
 """
 
