@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from lbridge.bench.ops import dispatched_per_call
 
 aten = torch.ops.aten
 # func -> (index of the left matrix, index of the right one) in its arguments; the right one is the
@@ -75,42 +76,9 @@ def product_of(func, args: tuple) -> Product | None:
     return Product(func.overloadpacket.__name__, layouts, args[PRODUCTS[func][1]].dtype)
 
 
-class ProductRecorder(TorchDispatchMode):
-    """Counts the matrix products dispatched while active and a call is open (`open`...`close`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[Counter[Product]] = []
-        self.current: Counter[Product] | None = None
-
-    def open(self, *_) -> None:
-        self.current = Counter()
-        self.calls.append(self.current)
-
-    def close(self, *_) -> None:
-        self.current = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        product = product_of(func, args)
-        if product is not None and self.current is not None:
-            self.current[product] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def products_per_call(transformer: torch.nn.Module, run: Callable[[], object]) -> list[Counter[Product]]:
     """The matrix products of each call of `transformer` during `run()`, in call order."""
-    recorder = ProductRecorder()
-    handles = [
-        transformer.register_forward_pre_hook(recorder.open),
-        transformer.register_forward_hook(recorder.close),
-    ]
-    try:
-        with recorder:
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return recorder.calls
+    return dispatched_per_call(transformer, run, product_of)
 
 
 def _tensor(layout: Layout, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
