@@ -173,7 +173,9 @@ def single_block_full(
         hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
     )
     text_seq_len = encoder_hidden_states.shape[1]
-    outputs, proj_output = _single_output(residual, gate, attention, mlp_hidden_states, chain, text_seq_len)
+    outputs, proj_output = _single_output(
+        (residual,), gate, attention, mlp_hidden_states, chain, text_seq_len
+    )
     return outputs, attention, [proj_output]
 
 
@@ -184,36 +186,33 @@ def single_block_reused(
     """The single block on its refreshed tokens: `norm -> proj_mlp -> act_mlp -> cat with the
     reused attention -> proj_out`; every token's gated residual from the kept `proj_out` output."""
     (chain,) = step.chains
-    streams = (encoder_hidden_states, hidden_states)
     # Compiled, the streams stay apart: the refreshed tokens are gathered from both and each stream
     # sums its own residual (element for element the sums over their concatenation), which is then
     # never written: one read and one write of every token less per block (~2 GB a CACHED step at
     # FLUX.1-dev). Eager, one concatenation and one sum: fewer operations to dispatch.
-    by_stream = torch.compiler.is_compiling()
-    joined = streams if by_stream else (torch.cat(streams, dim=1),)
-    norm_hidden_states, gate = chain.entry(chain.gather(*joined), emb=temb)
+    streams = (encoder_hidden_states, hidden_states)
+    residuals = streams if torch.compiler.is_compiling() else (torch.cat(streams, dim=1),)
+    norm_hidden_states, gate = chain.entry(chain.gather(*residuals), emb=temb)
     mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
     text_seq_len = encoder_hidden_states.shape[1]
-    if not by_stream:
-        outputs, _ = _single_output(
-            joined[0], gate, chain.attention(), mlp_hidden_states, chain, text_seq_len
-        )
-        return outputs
-    proj_output = chain.exit(torch.cat([chain.attention(), mlp_hidden_states], dim=2))
-    parts = proj_output[:, :text_seq_len], proj_output[:, text_seq_len:]
-    return tuple(
-        _clipped(stream + gate.unsqueeze(1) * part) for stream, part in zip(streams, parts, strict=True)
-    )
+    outputs, _ = _single_output(residuals, gate, chain.attention(), mlp_hidden_states, chain, text_seq_len)
+    return outputs
 
 
 def _single_output(
-    residual: torch.Tensor, gate: torch.Tensor, attention: torch.Tensor, mlp_hidden_states: torch.Tensor,
-    chain: ChainStep, text_seq_len: int,
+    residuals: tuple[torch.Tensor, ...], gate: torch.Tensor, attention: torch.Tensor,
+    mlp_hidden_states: torch.Tensor, chain: ChainStep, text_seq_len: int,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
-    """The single block from its attention's and MLP's outputs on: its outputs, and `proj_out`'s."""
+    """The single block from its attention's and MLP's outputs on: its outputs, and `proj_out`'s.
+    `residuals`: the block's input, joined (one tensor) or as its text and image streams."""
     proj_output = chain.exit(torch.cat([attention, mlp_hidden_states], dim=2))
-    hidden_states = _clipped(residual + gate.unsqueeze(1) * proj_output)
-    return (hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]), proj_output
+    gate = gate.unsqueeze(1)
+    if len(residuals) == 1:
+        hidden_states = _clipped(residuals[0] + gate * proj_output)
+        return (hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]), proj_output
+    parts = proj_output[:, :text_seq_len], proj_output[:, text_seq_len:]
+    outputs = tuple(_clipped(stream + gate * part) for stream, part in zip(residuals, parts, strict=True))
+    return outputs, proj_output
 
 
 def _clipped(hidden_states: torch.Tensor) -> torch.Tensor:
