@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from lbridge.bench.calibrate import time_bridge_fit
-from lbridge.bench.device import device_name, file_stem
+from lbridge.bench.device import default_config, device_name, file_stem
 from lbridge.bench.models import CONFIGS, BenchConfig, build_transformer
 from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench
 from lbridge.io import atomic_write_bytes
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="batched: every AdaLN modulation once per run for all steps, in every row "
                    "(file stem gets -batched-modulation)")  # fmt: skip
     p.add_argument("--out", default="results/speed", help="directory of <device>.csv and <device>.md")
-    p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name)")
+    p.add_argument("--name", default=None, help="file stem (default: cpu, or the CUDA device name; "
+                   "then -<config> for a config not the device's default)")  # fmt: skip
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    config = CONFIGS[args.config or ("flux-dev" if cuda else "flux-medium")]
+    config = CONFIGS[args.config or default_config(device)]
     config = replace(config, steps=args.steps or config.steps)
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
     methods = [m for m in args.methods.split(",") if m]
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         torch.set_num_threads(args.threads)
 
     suffix = "-batched-modulation" if args.modulation == "batched" else ""
-    stem, out = args.name or file_stem(device) + suffix, Path(args.out)
+    stem, out = args.name or file_stem(device, config.name) + suffix, Path(args.out)
 
     def on_row(row: dict[str, Any]) -> None:
         loads.append(os.getloadavg()[0])

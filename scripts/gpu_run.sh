@@ -57,7 +57,7 @@ if ! "$PYTHON" -c "import diffusers, hydra" 2>/dev/null; then
   echo "$PYTHON cannot import diffusers and hydra: run 'make gpu-kit' and carry .gpu-kit (docs/gpu.md)" >&2
   exit 2
 fi
-stem=$("$PYTHON" -c "import torch; from lbridge.bench.device import file_stem; print(file_stem(torch.device('$DEVICE')))")
+stem=$("$PYTHON" -c "import torch; from lbridge.bench.device import file_stem; print(file_stem(torch.device('$DEVICE'), '$CONFIG'))")
 results=${RESULTS:-results/speed}
 mkdir -p "$results"
 before=$(mktemp)

@@ -315,7 +315,7 @@ def main() -> None:
                    help="also each call's matrix products timed alone (<stem>-gemms)")  # fmt: skip
     p.add_argument("--out", default=None, help="directory of <device>-cached-step.{csv,md} (default: print)")
     p.add_argument(
-        "--name", default=None, help="file stem (default: <device>-cached-step[-width][-compiled])"
+        "--name", default=None, help="file stem (default: <device>[-<config>]-cached-step[-width][-compiled])"
     )
     args = p.parse_args()
     if args.modules and (args.compile or args.heads):
@@ -422,7 +422,7 @@ def write(
     suffix = ("-width" if args.heads else "") + ("-compiled" if args.compile else "")
     suffix += "-modules" if args.modules else ""
     suffix += "-batched-modulation" if args.modulation == "batched" else ""
-    stem = args.name or f"{file_stem(device)}-cached-step{suffix}"
+    stem = args.name or f"{file_stem(device, config.name)}-cached-step{suffix}"
     files = write_csv_md(table, Path(args.out), stem, caption + columns + "\n\n", command)
     if args.gemms:
         what = f"The matrix products of each method's calls, each timed alone ({clock}){batched}.\n\n"

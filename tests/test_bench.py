@@ -20,6 +20,7 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 
 from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown, tracked_modules
+from lbridge.bench.device import default_config, file_stem
 from lbridge.bench.memory import cache_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -33,6 +34,8 @@ from lbridge.runtime.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "fora,taylorseer,toca,teacache,learnibridge"
+# The files a run on flux-tiny writes unless named: the device, then the config (not the default).
+BENCH, PROFILE = "cpu-flux-tiny", "cpu-flux-tiny-cached-step"
 
 
 def load_script(name: str = "bench_speed"):
@@ -95,15 +98,23 @@ def test_ops_are_counted_per_call_of_the_module_and_not_outside_it():
     assert ops_per_call(stack, run) == [8, 2]
 
 
+def test_a_config_other_than_the_devices_default_writes_files_of_its_own_name():
+    """So a run of another config (`--config wan-medium`) never overwrites results/speed/cpu.csv."""
+    cpu = torch.device("cpu")
+    assert default_config(cpu) == "flux-medium" and default_config(torch.device("cuda")) == "flux-dev"
+    assert file_stem(cpu) == file_stem(cpu, "flux-medium") == "cpu"
+    assert file_stem(cpu, "wan-medium") == "cpu-wan-medium"
+
+
 def test_files_say_how_they_were_made(table):
-    csv = (table / "cpu.csv").read_text()
+    csv = (table / f"{BENCH}.csv").read_text()
     for key in ("# command: python scripts/bench_speed.py", "# device:", "# torch", "load average"):
         assert key in csv
-    assert "| method" in (table / "cpu.md").read_text()
+    assert "| method" in (table / f"{BENCH}.md").read_text()
 
 
 def test_columns_and_rows(table):
-    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    frame = pd.read_csv(table / f"{BENCH}.csv", comment="#")
     assert set(frame.columns) <= set(COLUMNS)
     for column in ("method", "ratio_target", "mode", "flops_speedup", "latency_speedup", "efficiency",
                    "reference_s", "cache_mb", "calibrate_s", "graphs", "recompiles"):  # fmt: skip
@@ -127,7 +138,7 @@ def test_columns_and_rows(table):
 def test_flops_speedup_is_the_schedule_ratio(table, method):
     """flops_speedup is lbridge's count, as `lbridge sample` reports it: full-compute FLOPs over the
     method's calls as they ran (its FULL calls may cost more than a plain one: TeaCache's probe)."""
-    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    frame = pd.read_csv(table / f"{BENCH}.csv", comment="#")
     acc, _ = planned(method)
     full, _ = planned("none")
     rows = frame[(frame["method"] == method) & (frame["mode"] == "eager")].dropna(subset=["schedule"])
@@ -142,7 +153,7 @@ def test_flops_speedup_is_the_schedule_ratio(table, method):
 def test_cached_steps_never_recompile(table):
     """Nor does swapping full compute's compiled blocks and a method's compiled regions run by run
     (ToCa compiles the sites inside the blocks): the timed rounds build no graph."""
-    frame = pd.read_csv(table / "cpu.csv", comment="#")
+    frame = pd.read_csv(table / f"{BENCH}.csv", comment="#")
     compiled = frame[frame["mode"] == "compiled"].dropna(subset=["recompiles"])
     assert len(compiled) > 0
     assert (compiled["recompiles"] == 0).all()
@@ -346,7 +357,7 @@ def test_the_cached_step_profile_writes_one_row_per_method(tmp_path, monkeypatch
     args = ["--config", "flux-tiny", "--methods", "fora,learnibridge", "--runs", "1", "--out", str(tmp_path)]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, *compiled])
     load_script("profile_cached_step").main()
-    stem = "cpu-cached-step" + ("-compiled" if compiled else "")
+    stem = PROFILE + ("-compiled" if compiled else "")
     csv = tmp_path / f"{stem}.csv"
     command = "python scripts/profile_cached_step.py --config flux-tiny"
     assert csv.read_text().startswith(f"# regenerate: {command}")
@@ -373,9 +384,9 @@ def run_profile(monkeypatch, *args: str) -> None:
 
 def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_path, monkeypatch):
     run_profile(monkeypatch, "--heads", "2,4", "--methods", "fora", "--gemms", "--out", str(tmp_path))
-    table = pd.read_csv(tmp_path / "cpu-cached-step-width.csv", comment="#")
+    table = pd.read_csv(tmp_path / f"{PROFILE}-width.csv", comment="#")
     assert table[["dim", "method"]].values.tolist() == [[32, "fora"], [64, "fora"]]  # 16-wide heads
-    products = pd.read_csv(tmp_path / "cpu-cached-step-width-gemms.csv", comment="#")
+    products = pd.read_csv(tmp_path / f"{PROFILE}-width-gemms.csv", comment="#")
     assert sorted(products["dim"].unique()) == [32, 64]
     for dim in (32, 64):  # each width's own products: its single blocks' MLP, dim -> 4 dim on 24 tokens
         assert f"24 x {dim} x {4 * dim}" in set(products.loc[products["dim"] == dim, "product"])
@@ -405,7 +416,7 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
             "check",
             ["--compile-backend", "eager"],
             [
-                f"cpu-check{kind}.{ext}"
+                f"{BENCH}-check{kind}.{ext}"
                 for kind in ("", "-profile", "-profile-gemms")
                 for ext in ("csv", "md")
             ],
@@ -414,7 +425,7 @@ def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
             "profile",
             ["--methods", "fora", "--runs", "1"],
             [
-                f"cpu-cached-step{kind}.{ext}"
+                f"{PROFILE}{kind}.{ext}"
                 for kind in ("", "-gemms", "-batched-modulation", "-modules")
                 for ext in ("csv", "md")
             ],
@@ -433,7 +444,7 @@ def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):
     args = ["--ratios", "2", "--repeats", "1", "--calib-prompts", "1", "--calib-steps", "2"]
     done = gpu_run("bridge", *args, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    table = pd.read_csv(tmp_path / "out" / "cpu-bridge.csv", comment="#")
+    table = pd.read_csv(tmp_path / "out" / f"{BENCH}-bridge.csv", comment="#")
     assert table["method"].tolist() == ["none", "learnibridge"]
     assert table.loc[1, "calibrate_s"] > 0
 
@@ -443,7 +454,7 @@ def test_a_gpu_part_killed_at_its_time_limit_still_hands_back_the_rows_written_s
     command = gpu_run_command("stack", "--repeats", "2", tmp_path=tmp_path)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     run = subprocess.Popen(**command, **quiet, start_new_session=True)
-    handed_back, deadline = tmp_path / "out" / "cpu-stack.csv", time.monotonic() + 300
+    handed_back, deadline = tmp_path / "out" / f"{BENCH}-stack.csv", time.monotonic() + 300
     try:
         while not handed_back.exists() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -494,7 +505,7 @@ def test_a_width_sweep_refuses_a_head_count_list_it_cannot_read_in_one_line(monk
 
 def test_a_method_with_a_parameter_overridden_is_profiled_beside_the_default(monkeypatch, tmp_path):
     run_profile(monkeypatch, "--methods", "toca,toca:fused_blocks=false", "--out", str(tmp_path))
-    table = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#")
+    table = pd.read_csv(tmp_path / f"{PROFILE}.csv", comment="#")
     assert table["method"].tolist() == ["toca", "toca:fused_blocks=false"]
     # The same work either way: the one-forward blocks dispatch no more operations than the hooked ones.
     assert table["cached_ops"].iloc[0] <= table["cached_ops"].iloc[1]
@@ -569,12 +580,12 @@ def test_the_module_breakdown_writes_its_own_file_and_is_eager_only(tmp_path, mo
     args = ["--config", "flux-tiny", "--methods", "fora,toca", "--runs", "1", "--modules"]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
     load_script("profile_cached_step").main()
-    table = pd.read_csv(tmp_path / "cpu-cached-step-modules.csv", comment="#")
+    table = pd.read_csv(tmp_path / f"{PROFILE}-modules.csv", comment="#")
     last = table.groupby("method", sort=False)["module"].agg(lambda modules: list(modules)[-2:])
     assert last.to_dict() == {m: ["total", "(call without the hooks)"] for m in ("fora", "toca")}
     assert (
         "`(block code)`: a block's time beyond its children's"
-        in (tmp_path / "cpu-cached-step-modules.md").read_text()
+        in (tmp_path / f"{PROFILE}-modules.md").read_text()
     )
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--modules", "--compile"])
     with pytest.raises(SystemExit):
@@ -586,9 +597,9 @@ def test_the_profile_times_both_sides_with_batched_modulation_in_its_own_file(tm
     args = ["--config", "flux-tiny", "--methods", "toca", "--runs", "1", "--modulation", "batched"]
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", *args, "--out", str(tmp_path)])
     load_script("profile_cached_step").main()
-    table = pd.read_csv(tmp_path / "cpu-cached-step-batched-modulation.csv", comment="#")
+    table = pd.read_csv(tmp_path / f"{PROFILE}-batched-modulation.csv", comment="#")
     assert table["method"].tolist() == ["toca"]
-    caption = (tmp_path / "cpu-cached-step-batched-modulation.md").read_text()
+    caption = (tmp_path / f"{PROFILE}-batched-modulation.md").read_text()
     assert "both with `modulation=batched`" in caption
 
 
@@ -596,10 +607,10 @@ def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file
     tmp_path, monkeypatch, capsys
 ):
     run_profile(monkeypatch, "--methods", "fora,toca", "--gemms", "--out", str(tmp_path))
-    calls = pd.read_csv(tmp_path / "cpu-cached-step.csv", comment="#").set_index("method")
+    calls = pd.read_csv(tmp_path / f"{PROFILE}.csv", comment="#").set_index("method")
     recomputed = calls["gemm_cached_ms"] / calls["gemm_share_ms"]  # from 4-decimal csv values of ~5 us
     assert (((calls["gemm_ratio"] - recomputed) / recomputed).abs() < 5e-2).all()
-    products = pd.read_csv(tmp_path / "cpu-cached-step-gemms.csv", comment="#")
+    products = pd.read_csv(tmp_path / f"{PROFILE}-gemms.csv", comment="#")
     summed = (products["cached_calls"] * products["streamed_us"] / 1000).groupby(products["method"]).sum()
     assert ((summed - calls["gemm_cached_ms"]).abs() < 1e-3).all()  # the column is the sum of the rows
     fora, toca = (products[products["method"] == m] for m in ("fora", "toca"))
@@ -609,7 +620,7 @@ def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file
     refreshed = toca[(toca["cached_calls"] > 0) & (toca["full_calls"] == 0)]
     rows = lambda frame: frame["product"].str.split(" x ").str[0].astype(int)  # noqa: E731
     assert len(refreshed) and rows(refreshed).max() < rows(toca[toca["full_calls"] > 0]).max()
-    assert "`streamed` (a new one at every call" in (tmp_path / "cpu-cached-step-gemms.md").read_text()
+    assert "`streamed` (a new one at every call" in (tmp_path / f"{PROFILE}-gemms.md").read_text()
     monkeypatch.setattr("sys.argv", ["profile_cached_step.py", "--gemms", "--modules"])
     with pytest.raises(SystemExit):
         load_script("profile_cached_step").main()

@@ -22,8 +22,15 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
 
 
-def file_stem(device: torch.device) -> str:
-    """`cpu`, or the CUDA device's name in lower-case words joined by '-'."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+def default_config(device: torch.device) -> str:
+    """The config the speed benchmark runs unless told: FLUX.1-dev on CUDA, its CPU-size layout elsewhere."""
+    return "flux-dev" if device.type == "cuda" else "flux-medium"
+
+
+def file_stem(device: torch.device, config: str | None = None) -> str:
+    """`cpu`, or the CUDA device's name in lower-case words joined by '-'; then `-<config>` for any
+    config but the device's default, so a run of another config never overwrites the default's files."""
+    stem = "cpu"
+    if device.type == "cuda":
+        stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return stem if config in (None, default_config(device)) else f"{stem}-{config}"
