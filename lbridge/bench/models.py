@@ -86,6 +86,15 @@ CONFIGS: dict[str, BenchConfig] = {
             note="Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 480x832x81 frames (32760 tokens), CFG 2 calls/step",
         ),
         BenchConfig(
+            "wan-medium", "wan",
+            dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16,
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=1536, num_layers=8,
+                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6),
+            latent=(16, 4, 24, 24), text_tokens=64, steps=20, guidance=5.0,
+            note="Wan2.1 layout at 2-core CPU size: 8 blocks, dim 256, FFN 1536, 4x12x12 latent "
+            "(576 tokens), 64 text tokens, CFG 2 calls/step",
+        ),
+        BenchConfig(
             "wan-tiny", "wan",
             dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32),
