@@ -51,6 +51,11 @@ FLUX_DEV = dict(
 FLUX_TINY = {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
              "in_channels": 4, "axes_dims_rope": (4, 6, 6)}  # fmt: skip
+WAN21_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6,
+)  # fmt: skip
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c
@@ -78,18 +83,14 @@ CONFIGS: dict[str, BenchConfig] = {
             "at that depth (Python, dispatch), its compute negligible",
         ),
         BenchConfig(
-            "wan21-1.3b", "wan",
-            dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6),
+            "wan21-1.3b", "wan", WAN21_1_3B,
             latent=(16, 21, 60, 104), text_tokens=512, steps=50, guidance=5.0,
             note="Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 480x832x81 frames (32760 tokens), CFG 2 calls/step",
         ),
         BenchConfig(
             "wan-medium", "wan",
-            dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16,
-                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=1536, num_layers=8,
-                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6),
+            {**WAN21_1_3B, "num_attention_heads": 4, "attention_head_dim": 64, "ffn_dim": 1536,
+             "num_layers": 8},
             latent=(16, 4, 24, 24), text_tokens=64, steps=20, guidance=5.0,
             note="Wan2.1 layout at 2-core CPU size: 8 blocks, dim 256, FFN 1536, 4x12x12 latent "
             "(576 tokens), 64 text tokens, CFG 2 calls/step",
