@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown
-from lbridge.bench.device import device_name, file_stem
+from lbridge.bench.device import device_name, file_stem, synchronised_clock
 from lbridge.bench.gemms import Product, WeightStream, product_seconds, products_per_call
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
@@ -63,22 +63,19 @@ class CallTimer:
     """
 
     def __init__(self, transformer: torch.nn.Module, cuda: bool) -> None:
-        self.cuda, self.clock = cuda, time.perf_counter if cuda else time.process_time
+        self.cuda, self.now = cuda, synchronised_clock(cuda)
         self.seconds: list[float] = []
         self.host: list[float] = []
         self.handles = [transformer.register_forward_pre_hook(self.start),
                         transformer.register_forward_hook(self.stop)]  # fmt: skip
 
     def start(self, *_) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.started = self.clock()
+        self.started = self.now()
 
     def stop(self, *_) -> None:
-        if self.cuda:
-            self.host.append(self.clock() - self.started)
-            torch.cuda.synchronize()
-        self.seconds.append(self.clock() - self.started)
+        if self.cuda:  # before the closing sync: the host's own time up to the call's return
+            self.host.append(time.perf_counter() - self.started)
+        self.seconds.append(self.now() - self.started)
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -12,7 +12,6 @@ and whatever a method runs in the block's place (LearniBridge's bridge, a copy o
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lbridge.bench.device import synchronised_clock
 from lbridge.runtime.cost import FLOP_FORMULAS
 
 BLOCK_CODE = "(block code)"
@@ -54,7 +54,7 @@ class ModuleRecorder:
     """
 
     def __init__(self, transformer: torch.nn.Module, cuda: bool) -> None:
-        self.cuda, self.clock = cuda, time.perf_counter if cuda else time.process_time
+        self.now = synchronised_clock(cuda)
         self.flops: FlopCounterMode | None = None
         self.calls: list[dict[str, list[float]]] = []  # per call: group -> [seconds, flops]
         self.handles = []
@@ -65,9 +65,7 @@ class ModuleRecorder:
                 self._watch(module, group)
 
     def _now(self) -> tuple[float, int]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return self.clock(), self.flops.get_total_flops() if self.flops is not None else 0
+        return self.now(), self.flops.get_total_flops() if self.flops is not None else 0
 
     def _watch(self, module: torch.nn.Module, group: str) -> None:
         started: list[tuple[float, int]] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,19 @@ def device_name(device: torch.device) -> str:
         names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
         model = names[0].strip() if names else model
     return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+
+
+def synchronised_clock(cuda: bool) -> Callable[[], float]:
+    """Seconds now, to time the work between two readings: this process's CPU time on CPU (steady on
+    shared cores), wall time after a synchronise on CUDA (the work queued so far done)."""
+    if not cuda:
+        return time.process_time
+
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
 
 
 def default_config(device: torch.device) -> str:

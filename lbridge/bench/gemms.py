@@ -12,14 +12,13 @@ products alone put on a CACHED call, with no bookkeeping, Python or elementwise 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from lbridge.bench.device import synchronised_clock
 from lbridge.bench.ops import dispatched_per_call
 
 aten = torch.ops.aten
@@ -111,20 +110,6 @@ class WeightStream:
         return views
 
 
-@contextmanager
-def _clock(device: torch.device) -> Iterator[list[float]]:
-    """Seconds of the block: CPU time on CPU (steady on shared cores), synchronised wall time on CUDA."""
-    cuda = device.type == "cuda"
-    now = time.perf_counter if cuda else time.process_time
-    if cuda:
-        torch.cuda.synchronize(device)
-    elapsed, start = [0.0], now()
-    yield elapsed
-    if cuda:
-        torch.cuda.synchronize(device)
-    elapsed[0] = now() - start
-
-
 def product_seconds(
     product: Product,
     device: torch.device,
@@ -137,18 +122,19 @@ def product_seconds(
     func = getattr(aten, product.op).default
     weight_index = PRODUCTS[func][1]
     args = [None if layout is None else _tensor(layout, product.dtype, device) for layout in product.layouts]
+    now = synchronised_clock(device.type == "cuda")
     func(*args)  # a first call (a library's setup), then one timed: how many calls fill a round
-    with _clock(device) as once:
-        func(*args)
-    calls = max(1, math.ceil(min_seconds / max(once[0], 1e-6)))
+    start = now()
+    func(*args)
+    calls = max(1, math.ceil(min_seconds / max(now() - start, 1e-6)))
     hot = [args[weight_index]]
     weights = hot if stream is None else stream.weights(product.weight, calls * (rounds + 1))
     walked, times = 0, []
     for _ in range(rounds + 1):  # the first round a warm-up, not kept
-        with _clock(device) as elapsed:
-            for _ in range(calls):
-                args[weight_index] = weights[walked % len(weights)]
-                func(*args)
-                walked += 1
-        times.append(elapsed[0] / calls)
+        start = now()
+        for _ in range(calls):
+            args[weight_index] = weights[walked % len(weights)]
+            func(*args)
+            walked += 1
+        times.append((now() - start) / calls)
     return min(times[1:])
