@@ -209,12 +209,13 @@ def test_every_method_runs_compiled_as_it_runs_eager_without_recompiling_or_brea
     assert_compiled_replays_eager(acc, loop)
 
 
-def test_a_toca_call_runs_each_one_forward_block_as_one_compiled_graph_at_every_step():
+@pytest.mark.parametrize("config", ["flux-tiny", "wan-tiny", "hunyuan-tiny"])
+def test_a_toca_call_runs_each_one_forward_block_as_one_compiled_graph_at_every_step(config):
     """ToCa's one-forward blocks (`BlockForward`) are regions of their own, and their sites are not:
     at a FULL call a block is one graph, as in full compute, its outputs kept after it; at a CACHED
     call too, its chains' modules and cache writes inside it. The step's bookkeeping (the tokens
     picked, the kept outputs) runs outside, so the graphs do not guard on the step."""
-    acc, loop = planned("toca")
+    acc, loop = planned("toca", config_name=config)
     steps = loop.config.steps
     acc.plan(3.0, {"num_inference_steps": steps})
     schedule = str(acc.runtime.schedule)
@@ -240,8 +241,18 @@ def test_a_toca_call_runs_each_one_forward_block_as_one_compiled_graph_at_every_
     compiled.stats.mark_timed()
     assert compiled.stats.row()["recompiles"] == 0
     assert compiled.stats.row()["graph_breaks"] == 0
-    assert len(per_call) == len(schedule)
-    assert per_call == [len(blocks)] * len(schedule)
+    calls = len(schedule) * len(loop.config.branches)  # wan-tiny: two CFG calls a step
+    assert per_call == [len(blocks)] * calls
+
+
+@pytest.mark.parametrize("config", ["wan-tiny", "hunyuan-tiny"])
+def test_toca_on_the_video_families_runs_compiled_as_it_runs_eager(config):
+    """Their one-forward blocks (Wan's: both attentions reused, the FFN chain on the refreshed tokens;
+    HunyuanVideo's: FLUX's layout, image stream first) compiled, as every method on FLUX above."""
+    acc, loop = planned("toca", config_name=config)
+    acc.plan(2.0, {"num_inference_steps": loop.config.steps})
+    assert all(isinstance(region, BlockForward) for region in regions(acc))
+    assert_compiled_replays_eager(acc, loop)
 
 
 def test_toca_with_its_blocks_unfused_compiles_the_sites_it_hooks_inside_them():

@@ -27,7 +27,7 @@ from lbridge.methods.toca import (
     refresh_count,
     spread_order,
 )
-from lbridge.models.base import TokenChain
+from lbridge.models.base import TokenChain, adapter_for
 from lbridge.runtime.context import CacheRuntime, ManualClock
 from lbridge.runtime.hooks import ReuseOutputHook, register
 from lbridge.runtime.schedule import Schedule
@@ -215,14 +215,20 @@ def test_a_chain_whose_exit_does_not_get_the_refreshed_tokens_is_an_error():
 
 
 def run_bench_toca(
-    config_name: str, chains: bool, dtype=torch.float32, modulation="per_step", watch=None, **params
+    config_name: str,
+    chains: bool,
+    dtype=torch.float32,
+    modulation="per_step",
+    watch=None,
+    one_forward: bool = True,
+    **params,
 ):
     """ToCa on a random-weight transformer of the bench's tiny configs: (latents, cost, hook types, loop).
 
-    `watch(transformer)` runs before the sampling loop, after the plan's calls (to count calls)."""
+    `watch(transformer)` runs before the sampling loop, after the plan's calls (to count calls).
+    `one_forward=False`: the adapter as if its family had no one-forward blocks."""
     from lbridge.api import Accelerator
     from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
-    from lbridge.models.base import adapter_for
 
     config = CONFIGS[config_name]
     torch.manual_seed(0)
@@ -231,6 +237,8 @@ def run_bench_toca(
     adapter = adapter_for(transformer)(name="t")
     if not chains:
         adapter.token_chains = lambda block: []
+    if not one_forward:
+        adapter.full_step_forward = lambda block: None
     params = {"refresh_ratio": 0.25, **params}
     acc = Accelerator(loop, load_method("toca", **params), adapter, modulation)
     acc.plan(1.0, {"num_inference_steps": config.steps}, interval=4)
@@ -243,6 +251,10 @@ def run_bench_toca(
         return latents, acc.cost, [type(hook) for _, hook in acc.method._hooks], loop
     finally:
         acc.remove()
+
+
+def blocks_of(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return adapter_for(transformer)(name="t").blocks(transformer)
 
 
 @pytest.mark.parametrize("config_name", ["flux-tiny", "hunyuan-tiny"])
@@ -259,36 +271,73 @@ def test_token_chains_run_norms_mlps_and_projections_on_the_refreshed_tokens_and
     assert cost.full == sites_cost.full and cost.cached < sites_cost.cached
 
 
-@pytest.mark.parametrize(
-    "refresh_ratio, dtype, modulation",
-    [
+def test_a_wan_block_runs_norm3_and_its_ffn_on_the_refreshed_tokens_and_its_norms_before_attention_on_none():
+    latents, cost, hooks, loop = run_bench_toca("wan-tiny", chains=True, fused_blocks=False)
+    sites, sites_cost, site_hooks, _ = run_bench_toca("wan-tiny", chains=False)
+    blocks = len(loop.transformer.blocks)
+    assert hooks.count(ChainExitHook) == blocks and GatherReuseHook not in hooks
+    assert hooks.count(NoTokensHook) == 2 * blocks  # norm1, norm2: only the reused attentions read them
+    assert hooks.count(ReuseOutputHook) == 2 * blocks  # self- and cross-attention
+    assert ChainExitHook not in site_hooks
+    assert not torch.equal(latents, loop.latents)
+    # LayerNorm and modulation act on each token alone: on the refreshed ones, the same values.
+    assert torch.equal(latents, sites)
+    assert cost == sites_cost  # the FFN on the same tokens; what the chain saves, FLOPs do not count
+
+
+def per_token_timesteps(transformer: torch.nn.Module) -> None:
+    """Wan2.2 TI2V's call: a timestep per latent token, so a (batch, tokens, 6, dim) modulation."""
+
+    def expand(module, args, kwargs):
+        latents = kwargs["hidden_states"]
+        tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+        timestep = kwargs["timestep"][:, None].expand(-1, tokens) * torch.linspace(0.5, 1.0, tokens)
+        return args, {**kwargs, "timestep": timestep}
+
+    transformer.register_forward_pre_hook(expand, with_kwargs=True)
+
+
+def test_a_wan_block_with_a_modulation_per_token_reads_that_of_its_refreshed_tokens():
+    fused, _, hooks, _ = run_bench_toca("wan-tiny", chains=True, watch=per_token_timesteps)
+    sites, *_ = run_bench_toca("wan-tiny", chains=False, watch=per_token_timesteps)
+    per_step, *_ = run_bench_toca("wan-tiny", chains=False)
+    assert toca.ReusedAttentionBlockHook in hooks
+    assert not torch.equal(sites, per_step)  # the timesteps per token made a difference
+    assert torch.equal(fused, sites)
+
+
+ONE_FORWARD_CASES = [
+    (config_name, *case)
+    for config_name in ("flux-tiny", "wan-tiny", "hunyuan-tiny")
+    for case in [
         (0.25, torch.float32, "per_step"),
         (0.25, torch.bfloat16, "per_step"),
-        (0.25, torch.float32, "batched"),
         (0.0, torch.float32, "per_step"),
         (1.0, torch.float32, "per_step"),
-    ],
-)
-def test_a_flux_block_runs_as_one_forward_at_every_step_and_samples_what_its_hooked_modules_do(
-    refresh_ratio, dtype, modulation
+    ]
+] + [("flux-tiny", 0.25, torch.float32, "batched")]  # Wan's adapter has no batched modulation
+
+
+@pytest.mark.parametrize("config_name, refresh_ratio, dtype, modulation", ONE_FORWARD_CASES)
+def test_a_block_runs_as_one_forward_at_every_step_and_samples_what_its_hooked_modules_do(
+    config_name, refresh_ratio, dtype, modulation
 ):
     norm1_calls = []
 
     def watch(transformer):  # calls of the module, hooked: the one forwards never make one
-        transformer.transformer_blocks[0].norm1.register_forward_pre_hook(lambda *_: norm1_calls.append(1))
+        blocks_of(transformer)[0].norm1.register_forward_pre_hook(lambda *_: norm1_calls.append(1))
 
     options = {"refresh_ratio": refresh_ratio, "dtype": dtype, "modulation": modulation, "watch": watch}
-    fused, _, hooks, loop = run_bench_toca("flux-tiny", chains=True, **options)
+    fused, _, hooks, loop = run_bench_toca(config_name, chains=True, **options)
     fused_norm1_calls, norm1_calls[:] = len(norm1_calls), []
-    hooked, _, plain_hooks, _ = run_bench_toca("flux-tiny", chains=True, fused_blocks=False, **options)
-    blocks = len(loop.transformer.transformer_blocks) + len(loop.transformer.single_transformer_blocks)
-    assert hooks.count(toca.ReusedAttentionBlockHook) == blocks
+    hooked, _, plain_hooks, _ = run_bench_toca(config_name, chains=True, fused_blocks=False, **options)
+    assert hooks.count(toca.ReusedAttentionBlockHook) == len(blocks_of(loop.transformer))
     assert toca.ReusedAttentionBlockHook not in plain_hooks
     assert torch.equal(fused, hooked)
-    # flux-tiny's 8 steps at ratio 1: FFcccFcc. Under the hooks every step calls norm1; the one
-    # forwards run it unhooked at FULL steps, and only its gates at CACHED ones (it feeds the reused
-    # attention alone).
-    assert (fused_norm1_calls, len(norm1_calls)) == (0, 8)
+    # Under the hooks every transformer call runs norm1 (flux-tiny: 8 steps; wan-tiny: 6 steps of two
+    # CFG calls; hunyuan-tiny: 6); the one forwards run it unhooked at FULL steps, and not at all, or
+    # only its gates, at CACHED ones (it feeds the reused attention alone).
+    assert (fused_norm1_calls, len(norm1_calls)) == (0, loop.config.steps * len(loop.config.branches))
 
 
 @pytest.mark.parametrize(
@@ -335,9 +384,11 @@ def test_the_one_forward_blocks_are_those_of_the_transformer_installed_on_and_ke
     assert [m.block for m in installed_on(second)[::2]] == blocks(second)
 
 
-def test_families_without_a_reused_attention_forward_keep_their_blocks_own():
-    _, _, hooks, _ = run_bench_toca("hunyuan-tiny", chains=True)
+def test_a_family_with_chains_but_without_one_forward_blocks_keeps_its_blocks_own():
+    fused, _, _, _ = run_bench_toca("hunyuan-tiny", chains=True)
+    hooked, _, hooks, _ = run_bench_toca("hunyuan-tiny", chains=True, one_forward=False)
     assert ChainExitHook in hooks and toca.ReusedAttentionBlockHook not in hooks
+    assert torch.equal(hooked, fused)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

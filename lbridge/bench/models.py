@@ -56,6 +56,12 @@ WAN21_1_3B = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6,
 )  # fmt: skip
+HUNYUAN_VIDEO = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+    rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+)  # fmt: skip
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c
@@ -109,13 +115,17 @@ CONFIGS: dict[str, BenchConfig] = {
             latent=(4, 2, 8, 8), text_tokens=8, steps=6, guidance=6.0, note="tests only",
         ),
         BenchConfig(
-            "hunyuan-video", "hunyuan_video",
-            dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
-                 num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
-                 patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
-                 pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+            "hunyuan-video", "hunyuan_video", HUNYUAN_VIDEO,
             latent=(16, 33, 90, 160), text_tokens=256, steps=50, guidance=6.0,
             note="HunyuanVideo: 20 double + 40 single blocks, dim 3072, 720x1280x129 frames (118800 tokens)",
+        ),
+        BenchConfig(
+            "hunyuan-medium", "hunyuan_video",
+            {**HUNYUAN_VIDEO, "num_attention_heads": 4, "attention_head_dim": 64, "num_layers": 4,
+             "num_single_layers": 8, "rope_axes_dim": (16, 24, 24)},
+            latent=(16, 4, 24, 24), text_tokens=64, steps=20, guidance=6.0,
+            note="HunyuanVideo layout at 2-core CPU size: 4 double + 8 single blocks, dim 256, 4x12x12 "
+            "latent (576 tokens), 64 text tokens",
         ),
     )
 }  # fmt: skip

@@ -29,20 +29,22 @@ Scores (which tokens are refreshed):
   stand-in for the paper's spatial-uniformity score, which needs the 2-D token grid);
   `tie_break=raster` takes the lowest token index first.
 
-Token chains (`ModelAdapter.token_chains`, FLUX and HunyuanVideo): with the attention reused, a
-block's token-wise stretch from a norm to its MLP (`norm2 -> modulation -> ff`), or in a parallel
+Token chains (`ModelAdapter.token_chains`, FLUX, HunyuanVideo and Wan): with the attention reused, a
+block's token-wise stretch from a norm to its MLP (`norm2 -> modulation -> ff`; Wan's after its
+cross-attention, `norm3 -> modulation -> ffn`), or in a parallel
 single-stream block from its norm to the output projection (`proj_out(cat([attn, act_mlp(proj_mlp)]))`,
 the attention's FULL output gathered at the refreshed tokens), runs on the refreshed tokens alone:
 the norm picks and gathers them, the exit scatters its output into its cache. The norms only the
-reused attention reads (`ModelAdapter.attention_inputs`: `norm1`) run on no tokens. Exact against
-refreshing the MLP sites alone (tested), and what ToCa's own FLUX code does; it saves the single
-blocks' projection FLOPs and the norms, modulation, concatenation and GELU over every token, which
-FLOPs do not count. With `attention=recompute`, or without chains, the MLP sites are refreshed.
+reused attentions read (`ModelAdapter.attention_inputs`: `norm1`; Wan's `norm2` too) run on no
+tokens. Exact against refreshing the MLP sites alone (tested), and what ToCa's own FLUX code does;
+it saves the single blocks' projection FLOPs and the norms, modulation, concatenation and GELU over
+every token, which FLOPs do not count. With `attention=recompute`, or without chains, the MLP
+sites are refreshed.
 
-One-forward blocks (`ModelAdapter.full_step_forward` and `reused_attention_forward`: FLUX;
+One-forward blocks (`ModelAdapter.full_step_forward` and `reused_attention_forward`: FLUX, Wan;
 `fused_blocks=True`, the default): at every step the block runs as one forward of the family's own
 arithmetic, its modules called unhooked. At a FULL step it returns, beside the block's outputs,
-what the hooks above keep (the attention's output, the chains' exit outputs), and hands it to them;
+what the hooks above keep (the attentions' outputs, the chains' exit outputs), and hands it to them;
 at a CACHED step it reads what they keep and the tokens they refresh. Bit-identical to the block
 under those hooks (tested); what it saves is host time, the dispatch of ~10 hooked module calls per
 block (docs/design.md, "Overheads removed" (6)). Under regional compilation
@@ -71,7 +73,7 @@ from diffusers.models.attention_processor import Attention
 
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
-from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_modulation, modulation_alone
+from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_gates, modulation_alone
 from lbridge.runtime.compile import BlockForward
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
@@ -340,15 +342,15 @@ class NoTokensHook(ModelHook):
         if self.runtime.is_full:
             return run(hidden)
         if modulation_alone(module) and kwargs.get("emb") is not None:
-            return _adaln_zero_gates(module, hidden[:, :0], kwargs["emb"])
+            return _adaln_zero_on_no_tokens(module, hidden[:, :0], kwargs["emb"])
         return run(hidden[:, :0])
 
 
-def _adaln_zero_gates(norm: torch.nn.Module, no_tokens: torch.Tensor, emb: torch.Tensor) -> tuple:
+def _adaln_zero_on_no_tokens(norm: torch.nn.Module, no_tokens: torch.Tensor, emb: torch.Tensor) -> tuple:
     """`AdaLayerNormZero.forward(no_tokens, emb=emb)` as diffusers computes its outputs, norm left out."""
-    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero_modulation(norm, emb)
-    dtype = torch.promote_types(no_tokens.dtype, gate_msa.dtype)  # what norm(x) * (1 + scale) gives
-    return no_tokens.to(dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp
+    gates = adaln_zero_gates(norm, emb)
+    dtype = torch.promote_types(no_tokens.dtype, gates[0].dtype)  # what norm(x) * (1 + scale) gives
+    return no_tokens.to(dtype), *gates
 
 
 class ChainAtStep:
@@ -393,12 +395,11 @@ class ChainAtStep:
     def attention(self) -> torch.Tensor:
         return _gathered(self.reused, self.index)
 
-    def keep(self, exit_output: torch.Tensor, attention: Any) -> None:
-        """After a FULL call run by the block's full-step forward: what the chain's hooks keep."""
+    def keep(self, exit_output: torch.Tensor) -> None:
+        """After a FULL call run by the block's full-step forward: what the chain's hooks keep (a
+        parallel block's attention output is the block hook's to hand over, as every attention's)."""
         self.entry_hook.start_ages(exit_output)  # token-wise: the exit's tokens are the entry's
         self.exit_hook.keep(exit_output)
-        if self.attention_hook is not None:
-            self.attention_hook.keep(attention)
 
     def forget(self) -> None:
         self.index = self.kept = self.reused = None
@@ -431,26 +432,26 @@ class ReusedAttentionBlockHook(ModelHook):
         runtime: CacheRuntime,
         forwards: tuple[BlockForward, BlockForward],
         full_step: FullStep,
-        attention: ReuseOutputHook | None,
+        attentions: list[ReuseOutputHook | GatherReuseHook],
         chains: list[tuple[TokenRefreshHook, ChainExitHook, GatherReuseHook | None]],
     ) -> None:
         super().__init__()
         self.runtime, (self.full, self.cached), self.full_step = runtime, forwards, full_step
-        self.attention = attention
+        self.attentions = attentions  # in `full_step.attentions` order: those hooks keep their outputs
         self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: prepared at each call
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
-            outputs, attention, exits = self.full(self.full_step, *args, **kwargs)
-            if self.attention is not None:
-                self.attention.keep(attention)
+            outputs, attentions, exits = self.full(self.full_step, *args, **kwargs)
+            for hook, attention in zip(self.attentions, attentions, strict=True):
+                hook.keep(attention)
             for chain, exit_output in zip(self.chains, exits, strict=True):
-                chain.keep(exit_output, attention)
+                chain.keep(exit_output)
             return outputs
         for chain in self.chains:
             chain.prepare()
-        attention = None if self.attention is None else self.attention.stored()
-        return self.cached(ReusedAttentionStep(attention, self.chains), *args, **kwargs)
+        reused = [hook.stored() for hook in self.attentions if isinstance(hook, ReuseOutputHook)]
+        return self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
 
     def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains
         for chain in self.chains:
@@ -584,13 +585,17 @@ class ToCa(CacheMethod):
                 reused.append(self.add_hook(module, ReuseOutputHook(runtime), "attention"))
         for module in adapter.attention_inputs(block):
             inputs.append(self.add_hook(module, NoTokensHook(runtime), "attention_input"))
-        attention = reused + [gather for *_, gather in hooks if gather is not None]
+        gathers = [gather for *_, gather in hooks if gather is not None]
         forwards = self._block_forwards(block, adapter) if self.fused_blocks else None
-        if forwards is not None and len(attention) == 1:
-            original = [hook.fn_ref.original_forward for hook in (*inputs, *attention)]
-            full_step = FullStep(original[:-1], original[-1], [ChainAtFull(e, x) for e, x, _ in hooks])
-            kept_attention = reused[0] if reused else None  # parallel blocks: their chain's gather keeps it
-            block_hook = ReusedAttentionBlockHook(runtime, forwards, full_step, kept_attention, hooks)
+        # One forward: every attention reused (FLUX's double block, Wan's), or one parallel block's.
+        if forwards is not None and (len(gathers) == 1 and not reused or reused and not gathers):
+            attention = reused + gathers
+            full_step = FullStep(
+                [hook.fn_ref.original_forward for hook in inputs],
+                [hook.fn_ref.original_forward for hook in attention],
+                [ChainAtFull(e, x) for e, x, _ in hooks],
+            )
+            block_hook = ReusedAttentionBlockHook(runtime, forwards, full_step, attention, hooks)
             self.add_hook(block, block_hook, "block")
 
     def _block_forwards(self, block, adapter) -> tuple[BlockForward, BlockForward] | None:

@@ -150,8 +150,8 @@ class ModelAdapter:
         return []
 
     def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
-        """Modules whose tokens only the block's attention reads (FLUX's `norm1`: its gates do not
-        depend on the tokens). A method that reuses the attention output can run them on no tokens."""
+        """Modules whose tokens only the block's attentions read (FLUX's `norm1`: its gates do not
+        depend on the tokens). A method that reuses the attention outputs can run them on no tokens."""
         return []
 
     def reused_attention_forward(self, block: torch.nn.Module) -> Callable[..., Any] | None:
@@ -168,10 +168,10 @@ class ModelAdapter:
         """The block's forward at the FULL steps that `reused_attention_forward`'s steps read from,
         called as `forward(block, step, *args, **kwargs)` with a `FullStep`: the block's own
         arithmetic, operation for operation, its hooked modules run through `step` (unhooked).
-        Returns `(outputs, attention, exits)`: the block's outputs, the attention module's output as
-        it returned it, and each chain's exit output over every token, which is what those modules'
-        hooks would keep. Compiled, a FULL block is then one graph, as in full compute. None: the
-        block's own forward runs, under its modules' hooks."""
+        Returns `(outputs, attentions, exits)`: the block's outputs, its attention modules' outputs
+        as they returned them (in `step.attentions` order), and each chain's exit output over every
+        token, which is what those modules' hooks would keep. Compiled, a FULL block is then one
+        graph, as in full compute. None: the block's own forward runs, under its modules' hooks."""
         return None
 
     def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -262,9 +262,12 @@ class ChainStep(Protocol):
 
 @dataclass
 class ReusedAttentionStep:
-    """What `ModelAdapter.reused_attention_forward` computes a block from instead of its attention."""
+    """What `ModelAdapter.reused_attention_forward` computes a block from instead of its attentions."""
 
-    attention: Any  # the attention module's reused output, as the module returned it (None: parallel)
+    # The reused outputs of the block's attention modules, as each returned it, in `attn_mlp_sites`
+    # order (FLUX's double block: its one; Wan's: self- then cross-attention). Parallel blocks: none,
+    # their chain gathers its attention's output (`ChainStep.attention`).
+    attentions: list[Any]
     chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
 
 
@@ -273,7 +276,7 @@ class FullStep:
     """The forwards, unhooked, through which `ModelAdapter.full_step_forward` runs a block's modules."""
 
     attention_inputs: list[Callable[..., Any]]  # those of `attention_inputs(block)`, in its order
-    attention: Callable[..., Any]  # the attention module's
+    attentions: list[Callable[..., Any]]  # the attention modules', in `attn_mlp_sites` order
     chains: list[ChainStep]  # the block's chains, in `token_chains(block)` order
 
 
@@ -286,6 +289,58 @@ def modulation_alone(norm: torch.nn.Module | None) -> bool:
 def adaln_zero_modulation(norm: AdaLayerNormZero, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Its six chunks as its forward computes them: shift, scale, gate of the attention, then of the MLP."""
     return norm.linear(norm.silu(emb)).chunk(6, dim=1)
+
+
+def adaln_zero_gates(norm: AdaLayerNormZero, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`norm(x, emb=emb)`'s attention gate and MLP modulation, for no tokens (the attention reused)."""
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero_modulation(norm, emb)
+    return gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def dual_stream_attention(
+    step: FullStep, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+    **attention_kwargs: Any,
+) -> tuple[Any, tuple[tuple, tuple]]:  # fmt: skip
+    """FLUX's and HunyuanVideo's double block at a FULL step up to its joint attention: `norm1` and
+    `norm1_context` on the two streams, the attention on both; its output, and each stream's gates
+    (as `dual_stream_gates` gives them)."""
+    (norm1, norm1_context), (attend,) = step.attention_inputs, step.attentions
+    norm_hidden_states, *gates = norm1(hidden_states, emb=temb)
+    norm_encoder_hidden_states, *context_gates = norm1_context(encoder_hidden_states, emb=temb)
+    attention = attend(
+        hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states, **attention_kwargs
+    )
+    return attention, (gates, context_gates)
+
+
+def dual_stream_gates(block: torch.nn.Module, temb: torch.Tensor) -> tuple[tuple, tuple]:
+    """The double block's two streams' gates at a step whose attention is reused: no token normed."""
+    return adaln_zero_gates(block.norm1, temb), adaln_zero_gates(block.norm1_context, temb)
+
+
+def gated_stream(
+    x: torch.Tensor, attention: torch.Tensor, gates: tuple, chain: ChainStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stream of FLUX's and HunyuanVideo's double blocks after the attention: its gated residual,
+    then the chain (`norm2 -> modulation -> ff`) and its gated residual; the stream's output and the
+    MLP's (every token's). `gates`: `adaln_zero_gates`'."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = gates
+    x = x + gate_msa.unsqueeze(1) * attention
+    norm_x = chain.entry(chain.gather(x))
+    norm_x = norm_x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    ff_output = chain.exit(norm_x)
+    return x + gate_mlp.unsqueeze(1) * ff_output, ff_output
+
+
+def dual_stream_forward(
+    block: torch.nn.Module, forwards: dict[type, Callable[..., Any]]
+) -> Callable[..., Any] | None:
+    """FLUX's and HunyuanVideo's one-forward blocks: the forward `forwards` names for the block's class.
+    None for a double block whose `norm1`s do not take their modulation from `emb` alone (as the
+    reused forward computes their gates: `adaln_zero_gates`), and for blocks of other classes."""
+    forward = next((run for cls, run in forwards.items() if isinstance(block, cls)), None)
+    norms = [getattr(block, name) for name in ("norm1", "norm1_context") if hasattr(block, name)]
+    return forward if all(modulation_alone(norm) for norm in norms) else None
 
 
 def dual_stream_chains(block: torch.nn.Module) -> list[TokenChain]:

@@ -20,9 +20,11 @@ from lbridge.models.base import (
     ModelAdapter,
     ReusedAttentionStep,
     TokenChain,
-    adaln_zero_modulation,
+    dual_stream_attention,
     dual_stream_chains,
-    modulation_alone,
+    dual_stream_forward,
+    dual_stream_gates,
+    gated_stream,
     single_stream_chain,
 )
 from lbridge.models.offline import evaluated, word_tokenizer
@@ -92,17 +94,15 @@ class FluxAdapter(ModelAdapter):
         return [block.norm1, block.norm1_context] if isinstance(block, FluxTransformerBlock) else []
 
     def reused_attention_forward(self, block: torch.nn.Module):
-        if isinstance(block, FluxSingleTransformerBlock):
-            return single_block_reused
-        norms = (getattr(block, "norm1", None), getattr(block, "norm1_context", None))
-        if isinstance(block, FluxTransformerBlock) and all(modulation_alone(norm) for norm in norms):
-            return double_block_reused
-        return None
+        return dual_stream_forward(
+            block,
+            {FluxTransformerBlock: double_block_reused, FluxSingleTransformerBlock: single_block_reused},
+        )
 
     def full_step_forward(self, block: torch.nn.Module):
-        if isinstance(block, FluxSingleTransformerBlock):
-            return single_block_full
-        return double_block_full if isinstance(block, FluxTransformerBlock) else None
+        return dual_stream_forward(
+            block, {FluxTransformerBlock: double_block_full, FluxSingleTransformerBlock: single_block_full}
+        )
 
 
 # The block forwards below are diffusers' FluxTransformerBlock / FluxSingleTransformerBlock forwards,
@@ -116,20 +116,14 @@ def double_block_full(
     encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict[str, Any] | None = None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple, list[torch.Tensor]]:  # fmt: skip
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple], list[torch.Tensor]]:  # fmt: skip
     """The double block at a FULL step, with its attention's output and its chains' `ff` outputs."""
-    norm1, norm1_context = step.attention_inputs
-    norm_hidden_states, *gates = norm1(hidden_states, emb=temb)
-    norm_encoder_hidden_states, *context_gates = norm1_context(encoder_hidden_states, emb=temb)
-    attention = step.attention(
-        hidden_states=norm_hidden_states,
-        encoder_hidden_states=norm_encoder_hidden_states,
-        image_rotary_emb=image_rotary_emb,
+    attention, gates = dual_stream_attention(
+        step, hidden_states, encoder_hidden_states, temb, image_rotary_emb=image_rotary_emb,
         **(joint_attention_kwargs or {}),
-    )
-    gates = (gates, context_gates)
+    )  # fmt: skip
     outputs, exits = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
-    return outputs, attention, exits
+    return outputs, [attention], exits
 
 
 def double_block_reused(
@@ -138,8 +132,8 @@ def double_block_reused(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The double block with its attention reused: `norm1`'s gates alone, each stream's chain
     (`norm2 -> modulation -> ff`) on its refreshed tokens."""
-    gates = (_gates(block.norm1, temb), _gates(block.norm1_context, temb))
-    outputs, _ = _after_attention(hidden_states, encoder_hidden_states, step.attention, gates, step.chains)
+    (attention,), gates = step.attentions, dual_stream_gates(block, temb)
+    outputs, _ = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
     return outputs
 
 
@@ -149,10 +143,12 @@ def _after_attention(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """The double block from its attention's output on: both streams' outputs, and their `ff` outputs."""
     (attn_output, context_attn_output, *ip_attn_output), (image, text) = attention, chains
-    hidden_states, ff_output = _stream(hidden_states, attn_output, gates[0], image)
+    hidden_states, ff_output = gated_stream(hidden_states, attn_output, gates[0], image)
     if ip_attn_output:  # an IP-Adapter's attention output, added after the MLP as diffusers does
         hidden_states = hidden_states + ip_attn_output[0]
-    encoder_hidden_states, context_ff = _stream(encoder_hidden_states, context_attn_output, gates[1], text)
+    encoder_hidden_states, context_ff = gated_stream(
+        encoder_hidden_states, context_attn_output, gates[1], text
+    )
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
     return (encoder_hidden_states, hidden_states), [ff_output, context_ff]
@@ -163,20 +159,21 @@ def single_block_full(
     encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict[str, Any] | None = None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """The single block at a FULL step, with its attention's output and its `proj_out` output."""
     (chain,) = step.chains
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
     mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
-    attention = step.attention(
+    (attend,) = step.attentions
+    attention = attend(
         hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
     )
     text_seq_len = encoder_hidden_states.shape[1]
     outputs, proj_output = _single_output(
         (residual,), gate, attention, mlp_hidden_states, chain, text_seq_len
     )
-    return outputs, attention, [proj_output]
+    return outputs, [attention], [proj_output]
 
 
 def single_block_reused(
@@ -218,25 +215,6 @@ def _single_output(
 def _clipped(hidden_states: torch.Tensor) -> torch.Tensor:
     """float16 clipped to its range, as diffusers' single block does; other dtypes as they are."""
     return hidden_states.clip(-65504, 65504) if hidden_states.dtype == torch.float16 else hidden_states
-
-
-def _gates(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`norm(x, emb=temb)`'s attention gate and MLP modulation (no tokens: the attention is reused)."""
-    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero_modulation(norm, temb)
-    return gate_msa, shift_mlp, scale_mlp, gate_mlp
-
-
-def _stream(
-    x: torch.Tensor, attn: torch.Tensor, gates: tuple, chain: ChainStep
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stream of the double block after its attention: gated residual, then the chain's MLP;
-    the stream's output and the MLP's (every token's)."""
-    gate_msa, shift_mlp, scale_mlp, gate_mlp = gates
-    x = x + gate_msa.unsqueeze(1) * attn
-    norm_x = chain.entry(chain.gather(x))
-    norm_x = norm_x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    ff_output = chain.exit(norm_x)
-    return x + gate_mlp.unsqueeze(1) * ff_output, ff_output
 
 
 def tiny_random_flux_pipeline(seed: int = 0) -> FluxPipeline:

@@ -20,7 +20,18 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoTransformerBlock,
 )
 
-from lbridge.models.base import TokenChain, dual_stream_chains, single_stream_chain
+from lbridge.models.base import (
+    ChainStep,
+    FullStep,
+    ReusedAttentionStep,
+    TokenChain,
+    dual_stream_attention,
+    dual_stream_chains,
+    dual_stream_forward,
+    dual_stream_gates,
+    gated_stream,
+    single_stream_chain,
+)
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
 from lbridge.models.video import VideoAdapter
 
@@ -77,6 +88,123 @@ class HunyuanVideoAdapter(VideoAdapter):
     ) -> torch.Tensor:
         """AdaLN with the step's `temb`, then the projection to patches (before unpatchifying)."""
         return transformer.proj_out(transformer.norm_out(hidden, arguments["temb"]))
+
+    def reused_attention_forward(self, block: torch.nn.Module):
+        return dual_stream_forward(
+            block,
+            {
+                HunyuanVideoTransformerBlock: double_block_reused,
+                HunyuanVideoSingleTransformerBlock: single_block_reused,
+            },
+        )
+
+    def full_step_forward(self, block: torch.nn.Module):
+        return dual_stream_forward(
+            block,
+            {
+                HunyuanVideoTransformerBlock: double_block_full,
+                HunyuanVideoSingleTransformerBlock: single_block_full,
+            },
+        )
+
+
+# The block forwards below are diffusers' HunyuanVideoTransformerBlock / HunyuanVideoSingleTransformerBlock
+# forwards, operation for operation (bit-identical to the blocks running under ToCa's module hooks,
+# tested), without dispatching the hooks of the modules they call; compiled, each is one graph. The
+# transformer calls its blocks with two more arguments (token replacement, for its I2V blocks) that
+# these blocks ignore, as diffusers' do.
+
+
+def double_block_full(
+    block: HunyuanVideoTransformerBlock, step: FullStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    freqs_cis: tuple[torch.Tensor, torch.Tensor] | None = None, *_: Any, **__: Any,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple], list[torch.Tensor]]:  # fmt: skip
+    """The double block at a FULL step, with its attention's output and its chains' `ff` outputs."""
+    attention, gates = dual_stream_attention(
+        step,
+        hidden_states,
+        encoder_hidden_states,
+        temb,
+        attention_mask=attention_mask,
+        image_rotary_emb=freqs_cis,
+    )
+    outputs, exits = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
+    return outputs, [attention], exits
+
+
+def double_block_reused(
+    block: HunyuanVideoTransformerBlock, step: ReusedAttentionStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, *_: Any, **__: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The double block with its attention reused: `norm1`'s gates alone, each stream's chain on its
+    refreshed tokens."""
+    (attention,), gates = step.attentions, dual_stream_gates(block, temb)
+    outputs, _ = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
+    return outputs
+
+
+def _after_attention(
+    hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention: tuple,
+    gates: tuple[tuple, tuple], chains: list[ChainStep],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """The double block from its attention's output on: both streams' outputs (image first, as the
+    block returns them) and their `ff` outputs. diffusers multiplies `attn * gate` where FLUX has
+    `gate * attn`: the same product, bit for bit."""
+    (attn_output, context_attn_output), (image, text) = attention, chains
+    hidden_states, ff_output = gated_stream(hidden_states, attn_output, gates[0], image)
+    encoder_hidden_states, context_ff = gated_stream(
+        encoder_hidden_states, context_attn_output, gates[1], text
+    )
+    return (hidden_states, encoder_hidden_states), [ff_output, context_ff]
+
+
+def single_block_full(
+    block: HunyuanVideoSingleTransformerBlock, step: FullStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, *_: Any, **__: Any,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple], list[torch.Tensor]]:  # fmt: skip
+    """The single block at a FULL step, with its attention's output and its `proj_out` output."""
+    (chain,), (attend,) = step.chains, step.attentions
+    text_seq_length = encoder_hidden_states.shape[1]
+    residual = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
+    mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
+    attention = attend(
+        hidden_states=norm_hidden_states[:, :-text_seq_length, :],
+        encoder_hidden_states=norm_hidden_states[:, -text_seq_length:, :],
+        attention_mask=attention_mask,
+        image_rotary_emb=image_rotary_emb,
+    )
+    joined = _tokens_of_pair(attention)
+    outputs, proj_output = _single_output(residual, gate, joined, mlp_hidden_states, chain, text_seq_length)
+    return outputs, [attention], [proj_output]
+
+
+def single_block_reused(
+    block: HunyuanVideoSingleTransformerBlock, step: ReusedAttentionStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, *_: Any, **__: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The single block on its refreshed tokens: `norm -> proj_mlp -> act_mlp -> cat with the reused
+    attention -> proj_out`; every token's gated residual from the kept `proj_out` output."""
+    (chain,) = step.chains
+    text_seq_length = encoder_hidden_states.shape[1]
+    residual = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    norm_hidden_states, gate = chain.entry(chain.gather(residual), emb=temb)
+    mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
+    outputs, _ = _single_output(residual, gate, chain.attention(), mlp_hidden_states, chain, text_seq_length)
+    return outputs
+
+
+def _single_output(
+    residual: torch.Tensor, gate: torch.Tensor, attention: torch.Tensor, mlp_hidden_states: torch.Tensor,
+    chain: ChainStep, text_seq_length: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """The single block from its (joined) attention's and MLP's outputs on: its image and text
+    outputs, and `proj_out`'s (every token's)."""
+    proj_output = chain.exit(torch.cat([attention, mlp_hidden_states], dim=2))
+    hidden_states = gate.unsqueeze(1) * proj_output + residual
+    return (hidden_states[:, :-text_seq_length, :], hidden_states[:, -text_seq_length:, :]), proj_output
 
 
 def tiny_random_hunyuan_video_pipeline(seed: int = 0) -> HunyuanVideoPipeline:

@@ -6,6 +6,11 @@ transformer calls per step, named `cond` and `uncond` by the pipeline.
 No `head()`: the output AdaLN reads the timestep embedding `temb`, but the blocks receive only its
 projection `timestep_proj` (a Linear of SiLU(temb), not invertible), so the head cannot be evaluated
 from the final block's arguments. LearniBridge on Wan needs method.loss=block or normed.
+
+ToCa: a block's token chain is `norm3 -> modulation -> ffn`, both attentions reused, and the block
+runs as one forward (`block_full`, `block_reused`). Those read a per-token modulation (Wan2.2 TI2V's
+per-token timesteps) at the refreshed tokens; the block's own forward under the chain's hooks
+(`method.fused_blocks=false`) cannot, so that combination is for Wan2.1's per-step modulation only.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+from lbridge.models.base import ChainStep, FullStep, ReusedAttentionStep, TokenChain
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
 from lbridge.models.video import VideoAdapter
 
@@ -44,6 +51,76 @@ class WanAdapter(VideoAdapter):
 
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn1, block.attn2, block.ffn]
+
+    def token_chains(self, block: torch.nn.Module) -> list[TokenChain]:
+        """After the cross-attention's residual: `norm3 -> modulation -> ffn`."""
+        return [TokenChain(block.norm3, block.ffn)] if isinstance(block, WanTransformerBlock) else []
+
+    def attention_inputs(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        """`norm1` feeds the self-attention alone, `norm2` the cross-attention alone."""
+        return [block.norm1, block.norm2] if isinstance(block, WanTransformerBlock) else []
+
+    def reused_attention_forward(self, block: torch.nn.Module):
+        return block_reused if isinstance(block, WanTransformerBlock) else None
+
+    def full_step_forward(self, block: torch.nn.Module):
+        return block_full if isinstance(block, WanTransformerBlock) else None
+
+
+# The block forwards below are diffusers' WanTransformerBlock forward, operation for operation in the
+# same order (bit-identical to the block running under ToCa's module hooks, tested), without
+# dispatching the hooks of the modules it calls; compiled, each is one graph (flux.py has the same).
+
+
+def block_full(
+    block: WanTransformerBlock, step: FullStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, rotary_emb: Any,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """The block at a FULL step, with its self- and cross-attention's outputs and its `ffn` output."""
+    (norm1, norm2), (attn1, attn2) = step.attention_inputs, step.attentions
+    shift_msa, scale_msa, gate_msa, *ffn_modulation = _modulation(block, temb)
+    norm_hidden_states = (norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+    self_attention = attn1(norm_hidden_states, None, None, rotary_emb)
+    hidden_states = (hidden_states.float() + self_attention * gate_msa).type_as(hidden_states)
+    norm_hidden_states = norm2(hidden_states.float()).type_as(hidden_states)
+    cross_attention = attn2(norm_hidden_states, encoder_hidden_states, None, None)
+    hidden_states, ff_output = _feed_forward(hidden_states + cross_attention, ffn_modulation, step.chains)
+    return hidden_states, [self_attention, cross_attention], [ff_output]
+
+
+def block_reused(
+    block: WanTransformerBlock, step: ReusedAttentionStep, hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, *_: Any, **__: Any,
+) -> torch.Tensor:  # fmt: skip
+    """The block with both attentions reused: their gated residuals over every token, the chain
+    (`norm3 -> modulation -> ffn`) on the refreshed tokens."""
+    _, _, gate_msa, *ffn_modulation = _modulation(block, temb)
+    self_attention, cross_attention = step.attentions
+    hidden_states = (hidden_states.float() + self_attention * gate_msa).type_as(hidden_states)
+    hidden_states, _ = _feed_forward(hidden_states + cross_attention, ffn_modulation, step.chains)
+    return hidden_states
+
+
+def _modulation(block: WanTransformerBlock, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Shift, scale and gate of the self-attention, then of the FFN, float32: (batch, 1, dim), or per
+    token (batch, tokens, dim) where `temb` is (batch, tokens, 6, dim) (Wan2.2 TI2V)."""
+    if temb.ndim == 4:
+        chunks = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        return tuple(chunk.squeeze(2) for chunk in chunks)
+    return (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+
+
+def _feed_forward(
+    hidden_states: torch.Tensor, modulation: list[torch.Tensor], chains: list[ChainStep]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block from the cross-attention's residual on: its output, and `ffn`'s (every token's)."""
+    (chain,) = chains
+    c_shift_msa, c_scale_msa, c_gate_msa = modulation
+    if c_shift_msa.shape[1] != 1:  # per token: the refreshed tokens' own
+        c_shift_msa, c_scale_msa = chain.gather(c_shift_msa), chain.gather(c_scale_msa)
+    normed = chain.entry(chain.gather(hidden_states).float())  # gathered first: a float copy of those alone
+    ff_output = chain.exit((normed * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states))
+    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states), ff_output
 
 
 def tiny_random_wan_pipeline(seed: int = 0) -> WanPipeline:
