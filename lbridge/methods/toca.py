@@ -438,6 +438,9 @@ class ReusedAttentionBlockHook(ModelHook):
         super().__init__()
         self.runtime, (self.full, self.cached), self.full_step = runtime, forwards, full_step
         self.attentions = attentions  # in `full_step.attentions` order: those hooks keep their outputs
+        # What a CACHED forward reads as `ReusedAttentionStep.attentions`: decided once, not per call
+        # (a parallel block's gathered attention is read by its chain instead).
+        self.reused = [hook for hook in attentions if isinstance(hook, ReuseOutputHook)]
         self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: prepared at each call
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -450,7 +453,7 @@ class ReusedAttentionBlockHook(ModelHook):
             return outputs
         for chain in self.chains:
             chain.prepare()
-        reused = [hook.stored() for hook in self.attentions if isinstance(hook, ReuseOutputHook)]
+        reused = [hook.stored() for hook in self.reused]
         return self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
 
     def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains

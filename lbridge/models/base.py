@@ -332,6 +332,22 @@ def gated_stream(
     return x + gate_mlp.unsqueeze(1) * ff_output, ff_output
 
 
+def dual_stream_after_attention(
+    hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention: tuple,
+    gates: tuple[tuple, tuple], chains: list[ChainStep],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """FLUX's and HunyuanVideo's double block from its attention's output on (`attention`: the image
+    and text streams' outputs, first): the image and text streams' outputs, and their `ff` outputs.
+    diffusers' HunyuanVideo block multiplies `attn * gate` where FLUX has `gate * attn`: the same
+    product, bit for bit."""
+    (image, text), (attn_output, context_attn_output) = chains, attention[:2]
+    hidden_states, ff_output = gated_stream(hidden_states, attn_output, gates[0], image)
+    encoder_hidden_states, context_ff = gated_stream(
+        encoder_hidden_states, context_attn_output, gates[1], text
+    )
+    return hidden_states, encoder_hidden_states, [ff_output, context_ff]
+
+
 def dual_stream_forward(
     block: torch.nn.Module, forwards: dict[type, Callable[..., Any]]
 ) -> Callable[..., Any] | None:

@@ -20,11 +20,11 @@ from lbridge.models.base import (
     ModelAdapter,
     ReusedAttentionStep,
     TokenChain,
+    dual_stream_after_attention,
     dual_stream_attention,
     dual_stream_chains,
     dual_stream_forward,
     dual_stream_gates,
-    gated_stream,
     single_stream_chain,
 )
 from lbridge.models.offline import evaluated, word_tokenizer
@@ -141,17 +141,14 @@ def _after_attention(
     hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention: tuple,
     gates: tuple[tuple, tuple], chains: list[ChainStep],
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:  # fmt: skip
-    """The double block from its attention's output on: both streams' outputs, and their `ff` outputs."""
-    (attn_output, context_attn_output, *ip_attn_output), (image, text) = attention, chains
-    hidden_states, ff_output = gated_stream(hidden_states, attn_output, gates[0], image)
-    if ip_attn_output:  # an IP-Adapter's attention output, added after the MLP as diffusers does
-        hidden_states = hidden_states + ip_attn_output[0]
-    encoder_hidden_states, context_ff = gated_stream(
-        encoder_hidden_states, context_attn_output, gates[1], text
+    """The double block from its attention's output on: both streams' outputs (text first, as the
+    block returns them), and their `ff` outputs."""
+    hidden_states, encoder_hidden_states, exits = dual_stream_after_attention(
+        hidden_states, encoder_hidden_states, attention, gates, chains
     )
-    if encoder_hidden_states.dtype == torch.float16:
-        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
-    return (encoder_hidden_states, hidden_states), [ff_output, context_ff]
+    if len(attention) > 2:  # an IP-Adapter's attention output, added after the MLP as diffusers does
+        hidden_states = hidden_states + attention[2]
+    return (_clipped(encoder_hidden_states), hidden_states), exits
 
 
 def single_block_full(

@@ -25,11 +25,11 @@ from lbridge.models.base import (
     FullStep,
     ReusedAttentionStep,
     TokenChain,
+    dual_stream_after_attention,
     dual_stream_attention,
     dual_stream_chains,
     dual_stream_forward,
     dual_stream_gates,
-    gated_stream,
     single_stream_chain,
 )
 from lbridge.models.offline import evaluated, placed, vocabulary_size, word_tokenizer
@@ -129,8 +129,10 @@ def double_block_full(
         attention_mask=attention_mask,
         image_rotary_emb=freqs_cis,
     )
-    outputs, exits = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
-    return outputs, [attention], exits
+    hidden_states, encoder_hidden_states, exits = dual_stream_after_attention(
+        hidden_states, encoder_hidden_states, attention, gates, step.chains
+    )
+    return (hidden_states, encoder_hidden_states), [attention], exits
 
 
 def double_block_reused(
@@ -140,23 +142,10 @@ def double_block_reused(
     """The double block with its attention reused: `norm1`'s gates alone, each stream's chain on its
     refreshed tokens."""
     (attention,), gates = step.attentions, dual_stream_gates(block, temb)
-    outputs, _ = _after_attention(hidden_states, encoder_hidden_states, attention, gates, step.chains)
-    return outputs
-
-
-def _after_attention(
-    hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention: tuple,
-    gates: tuple[tuple, tuple], chains: list[ChainStep],
-) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:  # fmt: skip
-    """The double block from its attention's output on: both streams' outputs (image first, as the
-    block returns them) and their `ff` outputs. diffusers multiplies `attn * gate` where FLUX has
-    `gate * attn`: the same product, bit for bit."""
-    (attn_output, context_attn_output), (image, text) = attention, chains
-    hidden_states, ff_output = gated_stream(hidden_states, attn_output, gates[0], image)
-    encoder_hidden_states, context_ff = gated_stream(
-        encoder_hidden_states, context_attn_output, gates[1], text
+    hidden_states, encoder_hidden_states, _ = dual_stream_after_attention(
+        hidden_states, encoder_hidden_states, attention, gates, step.chains
     )
-    return (hidden_states, encoder_hidden_states), [ff_output, context_ff]
+    return hidden_states, encoder_hidden_states
 
 
 def single_block_full(
