@@ -1,4 +1,5 @@
-"""Shared by the tests that run the command line in subprocesses and compare output trees."""
+"""Shared by several test files: running the command line in subprocesses and comparing output trees;
+what a stack method leaves unrun."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from lbridge.commands.sample import UNDETERMINED
 
@@ -57,3 +61,30 @@ def assert_same_outputs(single: Path, parallel: Path) -> None:
             assert indices == sorted(indices)
         else:
             assert path.read_bytes() == two[name].read_bytes(), name
+
+
+def unread_modules_run(acc, adapter, pipe, generate: Callable[[], np.ndarray]) -> tuple[list[int], int, bool]:
+    """Under an attached stack method: how often each of the adapter's `block_only_modules` really ran
+    in one generation, the transformer calls that were FULL, and whether the output is bit-equal to
+    the same generation with those modules computed at every call (the method's hooks on them removed)."""
+    from lbridge.runtime.hooks import CallCounterHook, register, remove_all
+
+    modules = adapter.block_only_modules(pipe.transformer)
+    # Registered under lbridge's hooks' (inner): they count what really runs.
+    acc.remove()
+    counters = [register(m, CallCounterHook(), "test.count") for m in modules]
+    try:
+        acc.attach()
+        acc.reset()
+        reused = generate()
+        full_calls = acc.runtime.full_calls
+        runs = [c.count for c in counters]
+        unread = {n for m in modules for n in m._diffusers_hook.hooks if n.endswith(".unread")}
+        assert unread or not modules, "no hook of the method on the block-only modules"
+        remove_all(pipe.transformer, sorted(unread))  # a wrapped method's (TCC's base) included
+        acc.reset()
+        computed = generate()
+    finally:
+        acc.remove()
+        remove_all(pipe.transformer, ["test.count"])
+    return runs, full_calls, bool(np.array_equal(reused, computed))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES
+from helpers import unread_modules_run
 from PIL import Image
 
 import lbridge
@@ -128,6 +129,19 @@ def test_every_family_with_a_rotary_module_computes_it_once_per_branch(random_fa
         assert computed == calls_per_step(name)
     else:
         assert hooks == []
+
+
+@pytest.mark.parametrize("method", ["fora", "learnibridge"])
+def test_a_stack_methods_cached_calls_leave_the_text_embedders_unrun_with_the_same_output(
+    random_family, method
+):
+    """CacheMethod.reuse_block_only_modules: outside the blocks nothing reads what they return."""
+    name, adapter, pipe = random_family
+    acc = accelerate(adapter, pipe, name, method, interval=2)  # F c F c
+    runs, full_calls, same = unread_modules_run(acc, adapter, pipe, lambda: raw(adapter, pipe, name))
+    assert (runs == []) == (name == "dit_xl_2")  # DiT is class-conditional: no text stream
+    assert runs == [full_calls] * len(runs) and full_calls < len(acc.schedule) * calls_per_step(name)
+    assert same
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import unread_modules_run
 
 import lbridge
 import lbridge.errors
@@ -78,6 +79,21 @@ def test_fora_at_ratio_3_runs_fewer_blocks_and_reaches_the_flops_ratio(tiny):
     assert fora_calls == 2 * acc.schedule.num_full * len(blocks) < none_calls
     assert acc.flops_ratio >= 3.0
     assert 3.0 * acc.sample_flops() <= 2 * steps * acc.cost.full  # FLOPs of the calls as they ran
+
+
+@pytest.mark.parametrize("method", ["fora", "taylorseer", "learnibridge", "tcc"])
+def test_a_stack_methods_cached_calls_leave_the_text_projection_unrun_with_the_same_output(
+    random_flux, method
+):
+    """FLUX's `context_embedder` (the T5 projection) feeds the blocks alone (other families:
+    test_model_families.py); site=attn_mlp runs the blocks, so it runs too."""
+    adapter, pipe = random_flux
+    acc = accelerate(adapter, pipe, method, 2.0)
+    runs, full_calls, same = unread_modules_run(acc, adapter, pipe, lambda: generate(adapter, pipe))
+    assert runs == [full_calls] and full_calls < len(acc.schedule) and same
+    acc = accelerate(adapter, pipe, "fora", 2.0, site="attn_mlp")
+    acc.remove()
+    assert not any(name.endswith(".unread") for name, _ in acc.method._hooks)
 
 
 def test_fora_attn_mlp_reuses_attention_at_cached_steps(tiny):

@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from lbridge.config import CONF_DIR, group_options, load_option
-from lbridge.runtime.hooks import ModelHook, register, remove_all
+from lbridge.runtime.hooks import ModelHook, ReuseOutputHook, register, remove_all
 
 if TYPE_CHECKING:
     from lbridge.models.base import ModelAdapter
@@ -43,6 +43,17 @@ class CacheMethod(ABC):
         register(module, hook, name)
         self._hooks.append((name, hook))
         return hook
+
+    def reuse_block_only_modules(
+        self, transformer: torch.nn.Module, adapter: ModelAdapter, runtime: CacheRuntime
+    ) -> None:
+        """For a method whose CACHED steps run no block on the current inputs: the modules whose
+        outputs only the blocks read (`ModelAdapter.block_only_modules`, the text embedders) return
+        their last FULL output there, unrun. Exact, since nothing reads it; it matters because a
+        stack method's CACHED call is otherwise little more than them (HunyuanVideo's token refiner
+        was 6 of a CACHED call's 8 ms on the CPU's hunyuan-medium; docs/design.md)."""
+        for module in adapter.block_only_modules(transformer):
+            self.add_hook(module, ReuseOutputHook(runtime), "unread")
 
     def attach(self, transformer: torch.nn.Module, adapter: ModelAdapter, runtime: CacheRuntime) -> None:
         self.install(transformer, adapter, runtime)

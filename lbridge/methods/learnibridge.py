@@ -254,6 +254,8 @@ class LearniBridge(CacheMethod):
         self.add_hook(
             blocks[-1], BridgeHook(runtime, blocks[-1], runner, self.adapter_name, inputs), "bridge"
         )
+        # The bridge reads the cached streams, not the current text stream.
+        self.reuse_block_only_modules(transformer, adapter, runtime)
 
     def describe(self) -> dict:
         return {

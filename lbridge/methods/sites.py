@@ -1,7 +1,8 @@
 """Methods that replace the outputs of chosen modules ("sites") at CACHED steps.
 
 `site=stack`: every block is skipped at a CACHED step and the final block's output is replaced; only
-the embeddings and the head run, with the current step's conditioning.
+the image embedding, the step embedding and the head run, with the current step's conditioning (the
+text embedders, read by the blocks alone, do not: `CacheMethod.reuse_block_only_modules`).
 `site=attn_mlp`: each block's attention and MLP outputs are replaced; the blocks still run their
 (cheap) modulation, gates and residual adds with the current timestep (FORA's and TaylorSeer's
 granularity in their papers).
@@ -36,6 +37,7 @@ class SiteMethod(CacheMethod):
             for block in blocks[:-1]:
                 self.add_hook(block, SkipBlockHook(runtime, block), "skip")
             self.add_hook(blocks[-1], self.site_hook(runtime), "site")
+            self.reuse_block_only_modules(transformer, adapter, runtime)
             return
         for block in blocks:
             for module in adapter.attn_mlp_sites(block):

@@ -145,6 +145,13 @@ class ModelAdapter:
         """The attention and MLP submodules of a block whose outputs FORA reuses."""
         raise NotImplementedError
 
+    def block_only_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules outside the blocks whose outputs only the blocks read: the text stream's embedders
+        (FLUX's `context_embedder`, HunyuanVideo's token refiner). A CACHED step that runs no block
+        on the current inputs does not need them (`CacheMethod.reuse_block_only_modules`). Empty:
+        every module runs at every call."""
+        return []
+
     def token_chains(self, block: torch.nn.Module) -> list[TokenChain]:
         """The stretches of the block that act on each token alone (see TokenChain)."""
         return []

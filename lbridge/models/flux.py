@@ -53,6 +53,10 @@ class FluxAdapter(ModelAdapter):
     def blocks(self, transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
+    def block_only_modules(self, transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
+        """The T5 projection: the head reads the image stream and `temb`, never the text stream."""
+        return [transformer.context_embedder]
+
     def head(
         self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, arguments: dict
     ) -> torch.Tensor:

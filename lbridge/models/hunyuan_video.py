@@ -70,6 +70,12 @@ class HunyuanVideoAdapter(VideoAdapter):
     def blocks(self, transformer: HunyuanVideoTransformer3DModel) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
+    def block_only_modules(self, transformer: HunyuanVideoTransformer3DModel) -> list[torch.nn.Module]:
+        """The token refiner (two timestep-conditioned transformer layers over the text tokens): the
+        head reads the video stream and `temb`; outside the blocks only its output's length is read
+        (the attention mask), which its last output has too."""
+        return [transformer.context_embedder]
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
 

@@ -49,6 +49,10 @@ class PixArtAdapter(ModelAdapter):
     def blocks(self, transformer: PixArtTransformer2DModel) -> list[torch.nn.Module]:
         return list(transformer.transformer_blocks)
 
+    def block_only_modules(self, transformer: PixArtTransformer2DModel) -> list[torch.nn.Module]:
+        """The T5 caption projection (the head reads the image stream and the step embedding)."""
+        return [transformer.caption_projection] if transformer.caption_projection is not None else []
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn1, block.attn2, block.ff]
 

@@ -52,6 +52,11 @@ class QwenImageAdapter(ModelAdapter):
     def blocks(self, transformer: QwenImageTransformer2DModel) -> list[torch.nn.Module]:
         return list(transformer.transformer_blocks)
 
+    def block_only_modules(self, transformer: QwenImageTransformer2DModel) -> list[torch.nn.Module]:
+        """The text stream's norm and projection: outside the blocks only their output's length is
+        read (the text rotary length), which their last output has too."""
+        return [transformer.txt_norm, transformer.txt_in]
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn, block.img_mlp, block.txt_mlp]
 

@@ -49,6 +49,13 @@ class WanAdapter(VideoAdapter):
     def blocks(self, transformer: WanTransformer3DModel) -> list[torch.nn.Module]:
         return list(transformer.blocks)
 
+    def block_only_modules(self, transformer: WanTransformer3DModel) -> list[torch.nn.Module]:
+        """The text (and, image-to-video, image) projections inside the condition embedder; its
+        timestep embedding, which the head reads, still runs."""
+        embedder = transformer.condition_embedder
+        projections = (embedder.text_embedder, getattr(embedder, "image_embedder", None))
+        return [m for m in projections if m is not None]
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn1, block.attn2, block.ffn]
 
