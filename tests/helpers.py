@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lbridge.commands.sample import UNDETERMINED
+from lbridge.runtime.hooks import CallCounterHook, register, remove_all
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -67,8 +68,6 @@ def unread_modules_run(acc, adapter, pipe, generate: Callable[[], np.ndarray]) -
     """Under an attached stack method: how often each of the adapter's `block_only_modules` really ran
     in one generation, the transformer calls that were FULL, and whether the output is bit-equal to
     the same generation with those modules computed at every call (the method's hooks on them removed)."""
-    from lbridge.runtime.hooks import CallCounterHook, register, remove_all
-
     modules = adapter.block_only_modules(pipe.transformer)
     # Registered under lbridge's hooks' (inner): they count what really runs.
     acc.remove()
