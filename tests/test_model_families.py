@@ -144,6 +144,31 @@ def test_a_stack_methods_cached_calls_leave_the_text_embedders_unrun_with_the_sa
     assert same
 
 
+def test_magcache_decides_before_the_text_embedders_and_its_cached_calls_leave_them_unrun(random_family):
+    """Its verdict needs no probe, so it is taken before the call's embedders run: same output."""
+    name, adapter, pipe = random_family
+    acc = accelerate(adapter, pipe, name, "magcache", threshold=float("inf"), **UNFITTED["magcache"])
+    runs, full_calls, same = unread_modules_run(acc, adapter, pipe, lambda: raw(adapter, pipe, name))
+    assert (runs == []) == (name == "dit_xl_2")
+    assert runs == [full_calls] * len(runs) and full_calls < len(acc.schedule) * calls_per_step(name)
+    assert same
+
+
+def test_magcache_refuses_a_call_whose_early_verdict_diffusers_does_not_share(random_family):
+    name, adapter, pipe = random_family
+    if name == "dit_xl_2":
+        pytest.skip("DiT has no text embedders: no verdict is taken early")
+    acc = accelerate(adapter, pipe, name, "magcache", threshold=float("inf"), **UNFITTED["magcache"])
+    method = acc.method
+    method.would_skip = lambda state: not type(method).would_skip(method, state)  # a diverging copy
+    try:
+        acc.reset()
+        with pytest.raises(RuntimeError, match="differs from the one taken before the blocks"):
+            raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_skip_every_candidate_at_infinite_threshold(random_family, method):
     name, adapter, pipe = random_family

@@ -53,7 +53,12 @@ class CacheMethod(ABC):
         stack method's CACHED call is otherwise little more than them (HunyuanVideo's token refiner
         was 6 of a CACHED call's 8 ms on the CPU's hunyuan-medium; docs/design.md)."""
         for module in adapter.block_only_modules(transformer):
-            self.add_hook(module, ReuseOutputHook(runtime), "unread")
+            self.add_hook(module, self.block_only_hook(runtime), "unread")
+
+    def block_only_hook(self, runtime: CacheRuntime) -> ReuseOutputHook:
+        """The hook `reuse_block_only_modules` puts on each of those modules (MagCache's also gives
+        its verdict there, before they run)."""
+        return ReuseOutputHook(runtime)
 
     def attach(self, transformer: torch.nn.Module, adapter: ModelAdapter, runtime: CacheRuntime) -> None:
         self.install(transformer, adapter, runtime)

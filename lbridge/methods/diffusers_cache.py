@@ -34,7 +34,15 @@ class VerdictObserverHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
-        self.runtime.decide(bool(self.states.get_state().should_compute))
+        runtime = self.runtime
+        full = bool(self.states.get_state().should_compute) or runtime.schedule.is_full(runtime.step)
+        if runtime.decision is not None and runtime.decision != full:
+            # A verdict taken before the call (MagCache's) left modules unrun on it: it must hold.
+            raise RuntimeError(
+                f"{self.method.name}: diffusers' verdict (FULL={full}) at step {runtime.step} differs "
+                f"from the one taken before the blocks (FULL={runtime.decision})"
+            )
+        runtime.decide(full)
         return output
 
 

@@ -10,6 +10,11 @@ at most `max_skip_steps` steps in a row; a skipped step adds the last FULL resid
 prompts (mean over tokens of |r_t| / |r_t-1|, averaged over prompts and CFG branches); `flux` uses
 diffusers' published FLUX.1 ratios (interpolated to the number of steps); or give a list.
 `retention_ratio` keeps the first fraction of steps FULL (lbridge applies it as warmup steps).
+
+Since the verdict needs no probe, lbridge takes it before the call runs its text embedders (on the
+first of `ModelAdapter.block_only_modules`), so that a CACHED call leaves them unrun as a stack
+method's does: exact, since a skipped call passes the text stream through unread. diffusers' head
+hook then decides again from the same state, and must agree (checked at every call).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from lbridge.calibration.trajectories import block_hidden_input, block_hidden_ou
 from lbridge.errors import LbridgeError
 from lbridge.methods.diffusers_cache import DiffusersBlockCache
 from lbridge.runtime.context import CacheRuntime
-from lbridge.runtime.hooks import ModelHook, register, remove_all
+from lbridge.runtime.hooks import ModelHook, ReuseOutputHook, register, remove_all
 from lbridge.runtime.schedule import Schedule
 
 RATIO_MODES = ("fit", "flux", "a list of numbers")
@@ -87,6 +92,32 @@ class MagCache(DiffusersBlockCache):
             num_inference_steps=steps, mag_ratios=ratios,
         )  # fmt: skip
         super().install(transformer, adapter, runtime)
+        self.reuse_block_only_modules(transformer, adapter, runtime)
+
+    def block_only_hook(self, runtime: CacheRuntime) -> ReuseOutputHook:
+        return VerdictFirstReuseHook(runtime, self)
+
+    def decide_early(self, runtime: CacheRuntime) -> None:
+        """The current call's verdict, before any block runs (once per call)."""
+        if runtime.decision is not None:
+            return
+        self.states.set_context(runtime.context)
+        state = self.states.get_state()
+        self.prepare_call(state, runtime, self.threshold_now(runtime))
+        runtime.decide(not self.would_skip(state))
+
+    def would_skip(self, state: MagCacheState) -> bool:
+        """What diffusers' `MagCacheHeadHook` will decide from `state`, without changing it."""
+        config, step = self.config, state.step_index
+        scale = config.mag_ratios[step] if step < len(config.mag_ratios) else 1.0
+        if step < int(config.retention_ratio * config.num_inference_steps + 0.5):
+            return False
+        error = state.accumulated_err + abs(1.0 - state.accumulated_ratio * scale)
+        return (
+            state.previous_residual is not None
+            and error <= config.threshold
+            and state.accumulated_steps + 1 <= config.max_skip_steps
+        )
 
     def head_hook(self, states, runtime):
         return MagCacheHeadHook(states, self.config)
@@ -120,6 +151,19 @@ class MagCache(DiffusersBlockCache):
     def load_fitted(self, values: dict[str, Any]) -> None:
         if values.get("mag_ratios") is not None:
             self.mag_ratios = [float(r) for r in values["mag_ratios"]]
+
+
+class VerdictFirstReuseHook(ReuseOutputHook):
+    """On a module only the blocks read: MagCache's verdict is taken before it runs, then a CACHED
+    call returns its last FULL output unrun."""
+
+    def __init__(self, runtime: CacheRuntime, method: MagCache) -> None:
+        super().__init__(runtime)
+        self.method = method
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.method.decide_early(self.runtime)
+        return super().new_forward(module, *args, **kwargs)
 
 
 class _ResidualTap(ModelHook):
