@@ -8,6 +8,9 @@ LBRIDGE := $(BIN)/lbridge
 DEMO_RATIOS := 2,3,4,5
 DEMO_PROMPTS := 20
 DEMO_METHODS := fora,taylorseer
+# Its own output root: `lbridge report` tables every evaluated run under the root it reads, and the
+# demo's table should hold the demo's runs, not those of an earlier `make reproduce-tiny` or sample.
+DEMO_ARGS := model=tiny num_prompts=$(DEMO_PROMPTS) output_root=outputs/demo
 
 .PHONY: install demo learnibridge-results calibrated-results methods-results reproduce-tiny reproduce-table1 \
 	reproduce-table2 reproduce-table3 test lint format tiny-model clean
@@ -23,10 +26,10 @@ install: $(STAMP)
 
 # The main job on the embedded tiny model: sample (with the same-seed reference), evaluate, tabulate.
 demo: install
-	$(LBRIDGE) sample -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) eval model=tiny method=none num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) eval -m model=tiny method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) num_prompts=$(DEMO_PROMPTS)
-	$(LBRIDGE) report model=tiny out=results/tiny/demo 'regenerate="make demo"'
+	$(LBRIDGE) sample -m method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) $(DEMO_ARGS)
+	$(LBRIDGE) eval method=none $(DEMO_ARGS)
+	$(LBRIDGE) eval -m method=$(DEMO_METHODS) ratio=$(DEMO_RATIOS) $(DEMO_ARGS)
+	$(LBRIDGE) report model=tiny output_root=outputs/demo out=results/tiny/demo 'regenerate="make demo"'
 
 # The LearniBridge claims on the tiny model (quality vs speed, few-shot, rank, options, low-rank
 # analysis) -> results/tiny/learnibridge_*. About 10 minutes on 2 CPU cores.
