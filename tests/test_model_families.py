@@ -17,7 +17,7 @@ from lbridge.media import tile_frames, write_sample
 from lbridge.methods.base import available_methods, method_class
 from lbridge.metrics.reference import psnr, ssim
 from lbridge.models import adapter_for, load_adapter
-from lbridge.runtime.hooks import ModelHook, register, remove_all
+from lbridge.runtime.hooks import CallCounterHook, ModelHook, register, remove_all
 
 FINAL_BLOCK = {
     "hunyuan_video": lambda t: t.single_transformer_blocks[-1],
@@ -164,6 +164,89 @@ def test_magcache_refuses_a_call_whose_early_verdict_diffusers_does_not_share(ra
     try:
         acc.reset()
         with pytest.raises(RuntimeError, match="differs from the one taken before the blocks"):
+            raw(adapter, pipe, name)
+    finally:
+        acc.remove()
+
+
+#: Families whose first block's probed inputs come out of modules that run before their text
+#: embedders (Wan reshapes its patch embedding before the blocks; DiT has no text stream).
+TEACACHE_EARLY = {"hunyuan_video", "qwen_image", "pixart_alpha"}
+
+
+def test_teacache_decides_before_the_text_embedders_where_its_probe_inputs_come_first(random_family):
+    """The verdict of every call is the one the first block would give: same realised FULL calls,
+    bit-identical output, and CACHED calls that leave the text embedders unrun."""
+    name, adapter, pipe = random_family
+    assert bool(adapter.probe_sources(pipe.transformer)) == (name in TEACACHE_EARLY)
+    acc = accelerate(adapter, pipe, name, "teacache", threshold=float("inf"), **UNFITTED["teacache"])
+    if name not in TEACACHE_EARLY:  # its verdict waits for the first block: the embedders always run
+        modules = adapter.block_only_modules(pipe.transformer)
+        hooks = [n for m in modules if hasattr(m, "_diffusers_hook") for n in m._diffusers_hook.hooks]
+        acc.remove()
+        assert not [n for n in hooks if n.startswith("lbridge.teacache")]
+        return
+    acc.method.threshold = threshold_between_candidates(acc, lambda: raw(adapter, pipe, name))
+    runs, full_calls, same = unread_modules_run(acc, adapter, pipe, lambda: raw(adapter, pipe, name))
+    assert full_calls == (len(acc.schedule) - 1) * calls_per_step(name)  # F c F F: one step skipped
+    assert runs == [full_calls] * len(runs)
+    assert same
+
+
+def threshold_between_candidates(acc, generate) -> float:
+    """A TeaCache threshold (raw distances) that skips the first candidate step and not the second:
+    above its distance, under the sum of the two, on every branch."""
+    acc.method.recorded_distances = recorded = []
+    acc.reset()
+    generate()
+    acc.method.recorded_distances = None
+    first, second = [s for s in range(len(acc.schedule)) if not acc.schedule.is_full(s)][:2]
+    one = {b: d for b, s, d in recorded if s == first}
+    two = {b: one[b] + d for b, s, d in recorded if s == second}
+    assert max(one.values()) < min(two.values())
+    return (max(one.values()) + min(two.values())) / 2
+
+
+def test_teacache_runs_the_text_embedders_at_a_call_whose_probe_inputs_did_not_all_come(random_family):
+    name, adapter, pipe = random_family
+    if name not in TEACACHE_EARLY:
+        pytest.skip("its verdict is always taken at the first block")
+    reference = raw(adapter, pipe, name)
+    acc = accelerate(adapter, pipe, name, "teacache", threshold=float("inf"), **UNFITTED["teacache"])
+    modules = adapter.block_only_modules(pipe.transformer)
+    counters = [register(m, CallCounterHook(), "test.count") for m in modules]
+    first_source = next(iter(adapter.probe_sources(pipe.transformer).values()))
+    try:
+        remove_all(first_source, [n for n in first_source._diffusers_hook.hooks if ".tap." in n])
+        acc.reset()
+        accelerated = raw(adapter, pipe, name)
+        calls = acc.runtime.full_calls + acc.runtime.cached_calls
+    finally:
+        acc.remove()
+        remove_all(pipe.transformer, ["test.count"])
+    assert acc.runtime.cached_calls > 0
+    assert [c.count for c in counters] == [calls] * len(counters)
+    assert accelerated.shape == reference.shape
+
+
+class _Cloning(dict):
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value.clone())
+
+
+def test_teacache_refuses_an_early_verdict_on_tensors_the_first_block_does_not_receive(random_family):
+    name, adapter, pipe = random_family
+    if name not in TEACACHE_EARLY:
+        pytest.skip("its verdict is always taken at the first block")
+    acc = accelerate(adapter, pipe, name, "teacache", threshold=float("inf"), **UNFITTED["teacache"])
+    acc.method.probe.tapped = cloning = _Cloning()  # equal values, not the tensors the block gets
+    for source in adapter.probe_sources(pipe.transformer).values():
+        for hook_name, hook in source._diffusers_hook.hooks.items():
+            if ".tap." in hook_name:
+                hook.store = cloning
+    try:
+        acc.reset()
+        with pytest.raises(RuntimeError, match="is not the output of the module"):
             raw(adapter, pipe, name)
     finally:
         acc.remove()

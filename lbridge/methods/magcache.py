@@ -38,7 +38,13 @@ from lbridge.calibration.trajectories import block_hidden_input, block_hidden_ou
 from lbridge.errors import LbridgeError
 from lbridge.methods.diffusers_cache import DiffusersBlockCache
 from lbridge.runtime.context import CacheRuntime
-from lbridge.runtime.hooks import ModelHook, ReuseOutputHook, register, remove_all
+from lbridge.runtime.hooks import (
+    ModelHook,
+    ReuseOutputHook,
+    VerdictFirstReuseHook,
+    register,
+    remove_all,
+)
 from lbridge.runtime.schedule import Schedule
 
 RATIO_MODES = ("fit", "flux", "a list of numbers")
@@ -95,7 +101,7 @@ class MagCache(DiffusersBlockCache):
         self.reuse_block_only_modules(transformer, adapter, runtime)
 
     def block_only_hook(self, runtime: CacheRuntime) -> ReuseOutputHook:
-        return VerdictFirstReuseHook(runtime, self)
+        return VerdictFirstReuseHook(runtime, lambda: self.decide_early(runtime))
 
     def decide_early(self, runtime: CacheRuntime) -> None:
         """The current call's verdict, before any block runs (once per call)."""
@@ -151,19 +157,6 @@ class MagCache(DiffusersBlockCache):
     def load_fitted(self, values: dict[str, Any]) -> None:
         if values.get("mag_ratios") is not None:
             self.mag_ratios = [float(r) for r in values["mag_ratios"]]
-
-
-class VerdictFirstReuseHook(ReuseOutputHook):
-    """On a module only the blocks read: MagCache's verdict is taken before it runs, then a CACHED
-    call returns its last FULL output unrun."""
-
-    def __init__(self, runtime: CacheRuntime, method: MagCache) -> None:
-        super().__init__(runtime)
-        self.method = method
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self.method.decide_early(self.runtime)
-        return super().new_forward(module, *args, **kwargs)
 
 
 class _ResidualTap(ModelHook):

@@ -6,7 +6,11 @@ d = mean|I_t - I_{t-1}| / mean|I_{t-1}| (relative L1). The distance is rescaled 
 output) and accumulated; while the sum stays under `threshold` the step is CACHED, otherwise it runs
 FULL and the sum restarts at 0. A CACHED step skips every block and adds the residual of the block
 stack (final block output - first block input, hidden stream) of the last FULL step to the current
-input, so only the embeddings, the probe's modulation and the head run.
+input, so only the embeddings, the probe's modulation and the head run. Where the modules that make
+the first block's probed inputs run before the text embedders (`ModelAdapter.probe_sources`:
+HunyuanVideo, Qwen-Image, PixArt), the verdict is taken there, and a CACHED call leaves the text
+embedders unrun too (HunyuanVideo's token refiner), as a stack method's does; the first block checks
+that the verdict measured the very tensors it receives.
 
 `coefficients: fit` fits that polynomial in `lbridge calibrate` from full-compute runs of the
 calibration prompts (input distance -> model-output distance, least squares); a list uses given
@@ -26,11 +30,23 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 
 from lbridge.calibration.job import CalibrationJob
 from lbridge.calibration.threshold import sample_prompts
-from lbridge.calibration.trajectories import block_hidden_input, block_hidden_output
+from lbridge.calibration.trajectories import (
+    bind_block_arguments,
+    block_hidden_input,
+    block_hidden_output,
+)
 from lbridge.errors import LbridgeError
 from lbridge.methods.adaptive import AdaptiveMethod
 from lbridge.runtime.context import CacheRuntime
-from lbridge.runtime.hooks import ModelHook, SkipBlockHook, register, remove_all
+from lbridge.runtime.hooks import (
+    ModelHook,
+    OutputTapHook,
+    ReuseOutputHook,
+    SkipBlockHook,
+    VerdictFirstReuseHook,
+    register,
+    remove_all,
+)
 from lbridge.runtime.schedule import Schedule
 
 COEFFICIENT_MODES = ("fit", "null", "a list of numbers")
@@ -50,19 +66,44 @@ class _BranchState:
 
 
 class TeaCacheProbeHook(ModelHook):
-    """Outermost on the first block: measures the input change and decides FULL/CACHED for the call."""
+    """Outermost on the first block: measures the input change and decides FULL/CACHED for the call.
 
-    def __init__(self, runtime: CacheRuntime, method: TeaCache, adapter) -> None:
+    Where the adapter names the modules that make the block's probed arguments (`probe_sources`),
+    `decide_early` measures them as they come out, before the call's text embedders run."""
+
+    def __init__(self, runtime: CacheRuntime, method: TeaCache, adapter, block: torch.nn.Module) -> None:
         super().__init__()
-        self.runtime, self.method, self.adapter = runtime, method, adapter
+        self.runtime, self.method, self.adapter, self.block = runtime, method, adapter, block
         self.states: dict[str, _BranchState] = {}
+        #: This call's probed arguments of the first block, kept by taps on their source modules.
+        self.tapped: dict[str, torch.Tensor] = {}
+        self.sources: frozenset[str] = frozenset()
+        self.measured_early = False
+
+    def decide_early(self) -> None:
+        """Before a module only the blocks read: the verdict, once every probed argument is in."""
+        if self.runtime.decision is None and self.sources and self.sources <= self.tapped.keys():
+            self.measure(self.tapped)
+            self.measured_early = True
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        arguments = bind_block_arguments(module, args, kwargs)
+        if self.measured_early:
+            self.check_tapped(arguments)
+        else:
+            self.measure(arguments)
+        self.measured_early = False
+        self.tapped.clear()
+        self.states[self.runtime.branch].first_input = block_hidden_input(module, args, kwargs)
+        return args, kwargs
+
+    def measure(self, arguments: dict[str, Any]) -> None:
+        """The indicator's change since the branch's last call, accumulated; the call's verdict."""
         runtime = self.runtime
         state = self.states.get(runtime.branch)
         if state is None or runtime.step <= state.step:  # a new sample
             state = self.states[runtime.branch] = _BranchState()
-        indicator = self.adapter.modulated_input(module, args, kwargs).detach()
+        indicator = self.adapter.modulated_input(self.block, arguments).detach()
         threshold, full = self.method.threshold_now(runtime), True
         recording = self.method.recorded_distances
         if state.previous is not None and (threshold != -math.inf or recording is not None):
@@ -77,12 +118,22 @@ class TeaCacheProbeHook(ModelHook):
         runtime.decide(full)
         if runtime.is_full:
             state.accumulated = 0.0
-        state.first_input = block_hidden_input(module, args, kwargs)
         state.previous, state.step = indicator, runtime.step
-        return args, kwargs
+
+    def check_tapped(self, arguments: dict[str, Any]) -> None:
+        """The early verdict skipped modules: it must have measured what the block now receives."""
+        for name, tensor in self.tapped.items():
+            if arguments[name] is not tensor:
+                raise RuntimeError(
+                    f"teacache: the first block's '{name}' is not the output of the module "
+                    f"{type(self.adapter).__name__}.probe_sources names for it, so the verdict taken "
+                    "before the text embedders measured another tensor"
+                )
 
     def reset(self) -> None:
         self.states.clear()
+        self.tapped.clear()
+        self.measured_early = False
 
 
 class ResidualReuseHook(ModelHook):
@@ -161,8 +212,18 @@ class TeaCache(AdaptiveMethod):
         blocks = adapter.blocks(transformer)
         for block in blocks[:-1]:
             self.add_hook(block, SkipBlockHook(runtime, block), "skip")
-        probe = self.add_hook(blocks[0], TeaCacheProbeHook(runtime, self, adapter), "probe")
+        probe = self.add_hook(blocks[0], TeaCacheProbeHook(runtime, self, adapter, blocks[0]), "probe")
         self.add_hook(blocks[-1], ResidualReuseHook(runtime, probe), "residual")
+        sources = adapter.probe_sources(transformer)
+        for name, module in sources.items():
+            self.add_hook(module, OutputTapHook(probe.tapped, name), f"tap.{name}")
+        if sources:  # the verdict can come before the text embedders: CACHED calls leave them unrun
+            probe.sources = frozenset(sources)
+            self.probe = probe
+            self.reuse_block_only_modules(transformer, adapter, runtime)
+
+    def block_only_hook(self, runtime: CacheRuntime) -> ReuseOutputHook:
+        return VerdictFirstReuseHook(runtime, self.probe.decide_early)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "coefficients": self.coefficients_mode}

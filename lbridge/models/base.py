@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.normalization import AdaLayerNormZero
 from PIL import Image
 
-from lbridge.calibration.trajectories import block_hidden_input
+from lbridge.calibration.trajectories import stream_names
 from lbridge.config import group_options, load_option
 from lbridge.errors import LbridgeError
 from lbridge.io import safetensors_problem
@@ -181,12 +181,21 @@ class ModelAdapter:
         graph, as in full compute. None: the block's own forward runs, under its modules' hooks."""
         return None
 
-    def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """TeaCache's change indicator: the first block's timestep-modulated input.
+    def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        """TeaCache's change indicator: the first block's timestep-modulated input, from the block's
+        call arguments by name (all of them, or those `probe_sources` names).
 
         The default is the block's raw hidden input (no modulation), which works for every family;
         adapters whose blocks expose their AdaLN override it with the modulated one."""
-        return block_hidden_input(block, args, kwargs)
+        return arguments[stream_names(block)[0]]
+
+    def probe_sources(self, transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The modules whose outputs (a tuple's first element) are, unchanged, the first block's
+        arguments that `modulated_input` reads, by argument name, and which run before every one
+        of `block_only_modules` in a call. TeaCache then gives its verdict before those run, and
+        its CACHED calls leave them unrun (the first block checks that it got those very tensors).
+        Empty: its verdict waits for the first block."""
+        return {}
 
     def step_embedding(self, transformer: torch.nn.Module) -> torch.nn.Module | None:
         """The module that turns a call's timestep (its first argument) and per-sample inputs into

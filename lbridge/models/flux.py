@@ -13,7 +13,6 @@ from diffusers import (
 )
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.models.base import (
     ChainStep,
     FullStep,
@@ -63,9 +62,11 @@ class FluxAdapter(ModelAdapter):
         """What the transformer does after its final block: AdaLN with the step's `temb`, then projection."""
         return transformer.proj_out(transformer.norm_out(hidden, arguments["temb"]))
 
-    def modulated_input(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """norm1(x) * (1 + scale) + shift with the step's `temb`, as TeaCache reads it on FLUX."""
-        arguments = bind_block_arguments(block, args, kwargs)
+    def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        """norm1(x) * (1 + scale) + shift with the step's `temb`, as TeaCache reads it on FLUX.
+
+        No `probe_sources`: the text embedder it would spare is one matmul, and `modulation=batched`
+        answers `time_text_embed` from its table, so that module's output is not `temb` at a call."""
         return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
 
     def step_embedding(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:

@@ -76,6 +76,18 @@ class HunyuanVideoAdapter(VideoAdapter):
         (the attention mask), which its last output has too."""
         return [transformer.context_embedder]
 
+    def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        """The video stream's norm1(x) * (1 + scale) + shift with the step's `temb`, as the reference
+        TeaCache4HunyuanVideo reads it on the first double block (other blocks: the raw input)."""
+        if not isinstance(block, HunyuanVideoTransformerBlock):
+            return super().modulated_input(block, arguments)
+        return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+    def probe_sources(self, transformer: HunyuanVideoTransformer3DModel) -> dict[str, torch.nn.Module]:
+        """The patch embedding and the step embedding run before the token refiner, so TeaCache's
+        CACHED calls skip it (it was most of them on the CPU's hunyuan-medium: docs/speed.md)."""
+        return {"hidden_states": transformer.x_embedder, "temb": transformer.time_text_embed}
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
 

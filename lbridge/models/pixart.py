@@ -53,6 +53,10 @@ class PixArtAdapter(ModelAdapter):
         """The T5 caption projection (the head reads the image stream and the step embedding)."""
         return [transformer.caption_projection] if transformer.caption_projection is not None else []
 
+    def probe_sources(self, transformer: PixArtTransformer2DModel) -> dict[str, torch.nn.Module]:
+        """The patch embedding runs before the caption projection (TeaCache's raw-input probe)."""
+        return {"hidden_states": transformer.pos_embed}
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn1, block.attn2, block.ff]
 

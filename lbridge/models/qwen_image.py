@@ -57,6 +57,10 @@ class QwenImageAdapter(ModelAdapter):
         read (the text rotary length), which their last output has too."""
         return [transformer.txt_norm, transformer.txt_in]
 
+    def probe_sources(self, transformer: QwenImageTransformer2DModel) -> dict[str, torch.nn.Module]:
+        """The image projection runs before the text stream's (TeaCache's raw-input probe)."""
+        return {"hidden_states": transformer.img_in}
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn, block.img_mlp, block.txt_mlp]
 

@@ -7,6 +7,7 @@ pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,6 +78,35 @@ class ReuseOutputHook(ModelHook):
 
     def reset(self) -> None:
         self.outputs.clear()
+
+
+class VerdictFirstReuseHook(ReuseOutputHook):
+    """On a module only the blocks read, for an adaptive method that can give its verdict before
+    the call's blocks run: `decide()` gives it, or leaves `runtime.decision` None when it cannot
+    yet. With a verdict a CACHED call returns the last FULL output unrun; without one the module
+    runs, since the verdict that comes later may be FULL."""
+
+    def __init__(self, runtime: CacheRuntime, decide: Callable[[], None]) -> None:
+        super().__init__(runtime)
+        self.decide = decide
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.decide()
+        if self.runtime.decision is None:
+            return self.keep(self.fn_ref.original_forward(*args, **kwargs))
+        return super().new_forward(module, *args, **kwargs)
+
+
+class OutputTapHook(ModelHook):
+    """Keeps each call's output of the module (a tuple's first element) in `store[key]`."""
+
+    def __init__(self, store: dict[str, Any], key: str) -> None:
+        super().__init__()
+        self.store, self.key = store, key
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.store[self.key] = output[0] if isinstance(output, tuple) else output
+        return output
 
 
 class SkipBlockHook(ModelHook):
