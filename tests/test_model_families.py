@@ -170,8 +170,8 @@ def test_magcache_refuses_a_call_whose_early_verdict_diffusers_does_not_share(ra
 
 
 #: Families whose first block's probed inputs come out of modules that run before their text
-#: embedders (Wan reshapes its patch embedding before the blocks; DiT has no text stream).
-TEACACHE_EARLY = {"hunyuan_video", "qwen_image", "pixart_alpha"}
+#: embedders (Wan's blocks get `time_proj`'s output as a view; DiT has no text stream).
+TEACACHE_EARLY = {"hunyuan_video", "wan21_1_3b", "qwen_image", "pixart_alpha"}
 
 
 def test_teacache_decides_before_the_text_embedders_where_its_probe_inputs_come_first(random_family):
@@ -227,6 +227,52 @@ def test_teacache_runs_the_text_embedders_at_a_call_whose_probe_inputs_did_not_a
     assert acc.runtime.cached_calls > 0
     assert [c.count for c in counters] == [calls] * len(counters)
     assert accelerated.shape == reference.shape
+
+
+class _BlockArgument(ModelHook):
+    """Keeps (branch, step, argument) of every call of the block it is on."""
+
+    def __init__(self, runtime, argument: str) -> None:
+        super().__init__()
+        self.runtime, self.argument, self.calls = runtime, argument, []
+
+    def pre_forward(self, module, *args, **kwargs):
+        value = bind_block_arguments(module, args, kwargs)[self.argument]
+        self.calls.append((self.runtime.branch, self.runtime.step, value.clone()))
+        return args, kwargs
+
+
+def test_teacache_on_wan_measures_the_step_modulation_as_teacache4wan21_does(random_family):
+    """Wan's indicator is the blocks' `temb`, the step's modulation vectors (TeaCache4Wan2.1's `e0`,
+    float32): every distance is its relative L1 change since the branch's last call, the same
+    whatever the sample, since it depends on the timestep alone."""
+    name, adapter, pipe = random_family
+    if name != "wan21_1_3b":
+        pytest.skip("Wan's reference TeaCache is the one that measures the timestep modulation alone")
+    acc = accelerate(adapter, pipe, name, "teacache", threshold=float("inf"), **UNFITTED["teacache"])
+    first = adapter.blocks(pipe.transformer)[0]
+    temb = register(first, _BlockArgument(acc.runtime, "temb"), "test.temb")  # outermost: every call
+    recorded = []
+    try:
+        for seed in (0, 1):
+            acc.method.recorded_distances = distances = []
+            acc.reset()
+            raw(adapter, pipe, name, seed=seed)
+            recorded.append(distances)
+    finally:
+        acc.method.recorded_distances = None
+        acc.remove()
+        remove_all(first, ["test.temb"])
+    previous, expected = {}, []
+    for branch, step, value in temb.calls[: len(temb.calls) // 2]:
+        if branch in previous:
+            before = previous[branch].float()
+            distance = (value.float() - before).abs().mean() / before.abs().mean()
+            expected.append((branch, step, float(distance)))
+        previous[branch] = value
+    assert [(b, s) for b, s, _ in recorded[0]] == [(b, s) for b, s, _ in expected]
+    assert [d for *_, d in recorded[0]] == pytest.approx([d for *_, d in expected], rel=1e-6)
+    assert recorded[1] == recorded[0]
 
 
 class _Cloning(dict):

@@ -1,14 +1,15 @@
 """TeaCache (Liu et al., 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model").
 
-At every step the first block's timestep-modulated input is compared with the previous step's:
-d = mean|I_t - I_{t-1}| / mean|I_{t-1}| (relative L1). The distance is rescaled by a polynomial
+At every step the first block's timestep-modulated input is compared with the previous step's
+(`ModelAdapter.modulated_input`; on Wan the step's modulation vectors alone, as TeaCache4Wan2.1
+measures): d = mean|I_t - I_{t-1}| / mean|I_{t-1}| (relative L1). The distance is rescaled by a polynomial
 (TeaCache fits it per model so that the rescaled input change tracks the change of the model
 output) and accumulated; while the sum stays under `threshold` the step is CACHED, otherwise it runs
 FULL and the sum restarts at 0. A CACHED step skips every block and adds the residual of the block
 stack (final block output - first block input, hidden stream) of the last FULL step to the current
 input, so only the embeddings, the probe's modulation and the head run. Where the modules that make
 the first block's probed inputs run before the text embedders (`ModelAdapter.probe_sources`:
-HunyuanVideo, Qwen-Image, PixArt), the verdict is taken there, and a CACHED call leaves the text
+HunyuanVideo, Wan, Qwen-Image, PixArt), the verdict is taken there, and a CACHED call leaves the text
 embedders unrun too (HunyuanVideo's token refiner), as a stack method's does; the first block checks
 that the verdict measured the very tensors it receives.
 
@@ -55,6 +56,20 @@ COEFFICIENT_MODES = ("fit", "null", "a list of numbers")
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean|current - previous| / mean|previous| (one host sync: the decision needs the number)."""
     return float((current - previous).abs().mean() / previous.abs().mean())
+
+
+def same_elements(received: torch.Tensor, measured: torch.Tensor) -> bool:
+    """The very tensor, or a view of its memory with its elements in the same order (Wan's blocks
+    get `time_proj`'s output unflattened): what the block reads is what was measured."""
+    if received is measured:
+        return True
+    return (
+        received.data_ptr() == measured.data_ptr()
+        and received.numel() == measured.numel()
+        and received.dtype == measured.dtype
+        and received.is_contiguous()
+        and measured.is_contiguous()
+    )
 
 
 @dataclass
@@ -123,11 +138,11 @@ class TeaCacheProbeHook(ModelHook):
     def check_tapped(self, arguments: dict[str, Any]) -> None:
         """The early verdict skipped modules: it must have measured what the block now receives."""
         for name, tensor in self.tapped.items():
-            if arguments[name] is not tensor:
+            if not same_elements(arguments[name], tensor):
                 raise RuntimeError(
                     f"teacache: the first block's '{name}' is not the output of the module "
-                    f"{type(self.adapter).__name__}.probe_sources names for it, so the verdict taken "
-                    "before the text embedders measured another tensor"
+                    f"{type(self.adapter).__name__}.probe_sources names for it (nor a view of it), so "
+                    "the verdict taken before the text embedders measured another tensor"
                 )
 
     def reset(self) -> None:

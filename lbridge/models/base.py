@@ -186,14 +186,17 @@ class ModelAdapter:
         call arguments by name (all of them, or those `probe_sources` names).
 
         The default is the block's raw hidden input (no modulation), which works for every family;
-        adapters whose blocks expose their AdaLN override it with the modulated one."""
+        adapters override it with what the family's reference TeaCache measures (FLUX, HunyuanVideo:
+        the modulated input; Wan: the step's modulation vectors alone)."""
         return arguments[stream_names(block)[0]]
 
     def probe_sources(self, transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """The modules whose outputs (a tuple's first element) are, unchanged, the first block's
-        arguments that `modulated_input` reads, by argument name, and which run before every one
+        """The modules whose outputs (a tuple's first element) are, unchanged or reshaped as views of
+        the same memory, the first block's arguments that `modulated_input` reads (which must give
+        the same indicator for both shapes), by argument name, and which run before every one
         of `block_only_modules` in a call. TeaCache then gives its verdict before those run, and
-        its CACHED calls leave them unrun (the first block checks that it got those very tensors).
+        its CACHED calls leave them unrun (the first block checks that it got those very tensors,
+        or views of their memory in the same element order).
         Empty: its verdict waits for the first block."""
         return {}
 

@@ -56,6 +56,21 @@ class WanAdapter(VideoAdapter):
         projections = (embedder.text_embedder, getattr(embedder, "image_embedder", None))
         return [m for m in projections if m is not None]
 
+    def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        """TeaCache4Wan2.1's indicator: the step's timestep projection `e0` (the blocks' `temb`, the six
+        AdaLN modulation vectors), not the hidden input, since the reference measures that and fits its
+        published coefficients on it. Flattened per sample (the early verdict measures it as
+        `time_proj` returns it, before the transformer unflattens it) and float32, as the reference
+        computes it."""
+        if not isinstance(block, WanTransformerBlock):
+            return super().modulated_input(block, arguments)
+        return arguments["temb"].flatten(1).float()
+
+    def probe_sources(self, transformer: WanTransformer3DModel) -> dict[str, torch.nn.Module]:
+        """`time_proj` runs inside the condition embedder before its text projection, so TeaCache's
+        CACHED calls skip that projection; the blocks get its output unflattened (a view of it)."""
+        return {"temb": transformer.condition_embedder.time_proj}
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.attn1, block.attn2, block.ffn]
 
