@@ -115,7 +115,7 @@ GPU_REHEARSAL := .gpu-rehearsal
 gpu-rehearse: gpu-kit
 	test -x $(GPU_REHEARSAL)/bin/python || $(GPU_IMAGE_PYTHON) -m venv $(GPU_REHEARSAL)
 	$(GPU_REHEARSAL)/bin/pip install --quiet --disable-pip-version-check $(GPU_IMAGE_PINS)
-	set -e; results=$$(mktemp -d); for part in check stack others bridge compiled profile profile-compiled; do \
+	set -e; results=$$(mktemp -d); for part in essential check stack others bridge compiled profile profile-compiled; do \
 		case $$part in profile*) args="--runs 1";; check) args="";; \
 			*) args="--ratios 2 --repeats 1 --calib-prompts 1 --calib-steps 5";; esac; \
 		PYTHON=$(GPU_REHEARSAL)/bin/python DEVICE=cpu CONFIG=flux-tiny RESULTS=$$results OUT=$$results/out \

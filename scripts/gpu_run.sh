@@ -4,8 +4,12 @@
 # part with --out results/speed (so each file's header names a command that runs from the repo
 # root), and copies what it wrote to $OUT, which the device tool brings back.
 #
-#   scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [more arguments of the part's script]
+#   scripts/gpu_run.sh essential|check|stack|others|bridge|compiled|profile|profile-compiled [more arguments]
 #
+# essential: what fits one call of a 15-minute device budget (docs/gpu.md): versions, bandwidth and
+#           matmul rate, then 28 steps, ratios 2,4,6, 2 repeats: eager FORA, ToCa, TeaCache, compiled
+#           full compute and FORA (regions, recompiles, graph breaks), then eager LearniBridge with
+#           its fit time (calibrate_s); the arguments go to both benchmarks
 # check:    versions, the device's copy bandwidth and bf16 matmul rate, every code path on flux-tiny
 #           (the profile's too), and `lbridge sample runtime.compile=true` on the tiny model
 # stack:    eager FORA, TaylorSeer, FoCa, L2P, TCC at ratios 2-6
@@ -25,11 +29,11 @@
 # there: the installed packages are used; tests set it empty, so what a local `make gpu-kit` leaves
 # does not change what they run; any other path that is not a folder is refused).
 set -euo pipefail
-part=${1:?usage: scripts/gpu_run.sh check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
+part=${1:?usage: scripts/gpu_run.sh essential|check|stack|others|bridge|compiled|profile|profile-compiled [arguments]}
 shift
 case $part in
-  check | stack | others | bridge | compiled | profile | profile-compiled) ;;
-  *) echo "unknown part '$part' (accepted: check, stack, others, bridge, compiled, profile, profile-compiled)" >&2
+  essential | check | stack | others | bridge | compiled | profile | profile-compiled) ;;
+  *) echo "unknown part '$part' (accepted: essential, check, stack, others, bridge, compiled, profile, profile-compiled)" >&2
      exit 2 ;;
 esac
 PYTHON=${PYTHON:-python3}
@@ -90,9 +94,8 @@ trap finish EXIT
 
 bench() { "$PYTHON" scripts/bench_speed.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
 profile() { "$PYTHON" scripts/profile_cached_step.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
-
-case $part in
-  check)
+# Versions, and on CUDA the device's name, memory, copy bandwidth and bf16 matmul rate (a few seconds).
+device_info() {
     "$PYTHON" - "$DEVICE" <<'EOF'
 import sys, time, torch, diffusers, hydra
 device = torch.device(sys.argv[1])
@@ -109,6 +112,19 @@ if device.type == "cuda":
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     print(f"bf16 matmul 8192^3: {2 * 8192**3 / seconds(lambda: a @ b) / 1e12:.0f} TFLOP/s")
 EOF
+}
+
+case $part in
+  essential)
+    device_info
+    # Rows in the order they matter, each handed back as it is written: a call cut at its limit
+    # loses the last ones. Fewer steps and ratios than the other parts, so that both fit one call.
+    trimmed=(--ratios 2,4,6 --repeats 2 --steps 28)
+    bench --methods fora,toca,teacache --compile-methods fora --no-calibrate "${trimmed[@]}" \
+      --name "$stem-essential" "$@"
+    bench --methods learnibridge --no-compile "${trimmed[@]}" --name "$stem-essential-bridge" "$@" ;;
+  check)
+    device_info
     bench --config flux-tiny --methods fora,toca,learnibridge --ratios 2 --repeats 1 \
       --compile-methods toca,learnibridge --calib-prompts 1 --calib-steps 5 --name "$stem-check" "$@"
     # The profile's paths on the device, matrix products timed alone included (the profile part's).

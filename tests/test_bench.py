@@ -460,6 +460,27 @@ def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):
     assert table.loc[1, "calibrate_s"] > 0
 
 
+def test_the_essential_part_fits_the_headline_rows_and_the_bridge_fit_in_one_call(tmp_path):
+    """docs/gpu.md: the one call a 15-minute device budget affords, its rows in order of priority."""
+    args = ["--steps", "8", "--ratios", "2", "--repeats", "1", "--calib-prompts", "1", "--calib-steps", "2",
+            "--compile-backend", "eager"]  # fmt: skip
+    done = gpu_run("essential", *args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{BENCH}-essential{kind}.{ext}" for kind in ("", "-bridge") for ext in ("csv", "md")
+    )
+    headline = pd.read_csv(out / f"{BENCH}-essential.csv", comment="#")
+    assert list(zip(headline["method"], headline["mode"], strict=True)) == [
+        ("none", "eager"), ("fora", "eager"), ("toca", "eager"), ("teacache", "eager"),
+        ("none", "compiled"), ("fora", "compiled"),
+    ]  # fmt: skip
+    assert (headline.loc[headline["mode"] == "compiled", ["recompiles", "graph_breaks"]] == 0).all().all()
+    bridge = pd.read_csv(out / f"{BENCH}-essential-bridge.csv", comment="#")
+    assert bridge["method"].tolist() == ["none", "learnibridge"]
+    assert bridge.loc[1, "calibrate_s"] > 0
+
+
 def test_a_gpu_part_killed_at_its_time_limit_still_hands_back_the_rows_written_so_far(tmp_path):
     # The device tool kills a command at its limit and brings back only what $OUT holds by then.
     command = gpu_run_command("stack", "--repeats", "2", tmp_path=tmp_path)
@@ -501,7 +522,9 @@ def test_a_gpu_kit_without_wheels_is_refused_naming_it_before_anything_runs(tmp_
 def test_an_unknown_gpu_part_is_refused_naming_the_accepted_ones(tmp_path):
     done = gpu_run("stacks", tmp_path=tmp_path)
     assert done.returncode == 2
-    assert "unknown part 'stacks' (accepted: check, stack, others, bridge, compiled, profile" in done.stderr
+    assert "unknown part 'stacks' (accepted: essential, check, stack, others, bridge, compiled, profile" in (
+        done.stderr
+    )
 
 
 @pytest.mark.parametrize("heads", ["4,x", "0", ""])
