@@ -229,6 +229,45 @@ def test_teacache_runs_the_text_embedders_at_a_call_whose_probe_inputs_did_not_a
     assert accelerated.shape == reference.shape
 
 
+def test_teacache_on_flux_decides_before_the_t5_projection(random_flux):
+    """FLUX (and the tiny model) make the patch and step embeddings before the text projection: same
+    verdicts, bit-identical output, and CACHED calls that leave the projection unrun."""
+    adapter, pipe = random_flux
+    acc = accelerate(adapter, pipe, "flux", "teacache", threshold=float("inf"), **UNFITTED["teacache"])
+    acc.method.threshold = threshold_between_candidates(acc, lambda: raw(adapter, pipe, "flux"))
+    runs, full_calls, same = unread_modules_run(acc, adapter, pipe, lambda: raw(adapter, pipe, "flux"))
+    assert 0 < full_calls < len(acc.schedule)
+    assert runs == [full_calls]
+    assert same
+
+
+def test_teacache_on_flux_with_batched_modulation_decides_at_the_first_block(random_flux):
+    """Batched, the step embedding is answered from a table by a hook outside TeaCache's tap, which
+    never fires (the table's build bypasses it): the verdict waits for the first block, the text
+    projection runs at every call, and the sample is the per-step one up to the batched rounding."""
+    adapter, pipe = random_flux
+    call = {**adapter.prompt_kwargs(pipe, prompt_of("flux")), **adapter.pipeline_kwargs()}
+    params, samples, calls = {"threshold": float("inf"), **UNFITTED["teacache"]}, {}, {}
+    for modulation in ("per_step", "batched"):
+        acc = lbridge.accelerate(
+            pipe, "teacache", 1.0, adapter=adapter, modulation=modulation, method_params=params, **call
+        )
+        acc.remove()  # the counter goes under lbridge's hooks: it counts what really runs
+        counter = register(pipe.transformer.context_embedder, CallCounterHook(), "test.count")
+        try:
+            acc.attach()
+            acc.reset()
+            samples[modulation] = raw(adapter, pipe, "flux")
+            calls[modulation] = (counter.count, acc.runtime.full_calls, acc.runtime.cached_calls)
+        finally:
+            acc.remove()
+            remove_all(pipe.transformer, ["test.count"])
+    (runs, full, cached), batched = calls["per_step"], calls["batched"]
+    assert cached > 0 and runs == full  # per step: the early verdict spares the projection
+    assert batched == (full + cached, full, cached)  # batched: the same verdicts, taken at the block
+    np.testing.assert_allclose(samples["batched"], samples["per_step"], atol=1e-5)
+
+
 class _BlockArgument(ModelHook):
     """Keeps (branch, step, argument) of every call of the block it is on."""
 

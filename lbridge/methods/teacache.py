@@ -9,7 +9,7 @@ FULL and the sum restarts at 0. A CACHED step skips every block and adds the res
 stack (final block output - first block input, hidden stream) of the last FULL step to the current
 input, so only the embeddings, the probe's modulation and the head run. Where the modules that make
 the first block's probed inputs run before the text embedders (`ModelAdapter.probe_sources`:
-HunyuanVideo, Wan, Qwen-Image, PixArt), the verdict is taken there, and a CACHED call leaves the text
+every family with a text stream), the verdict is taken there, and a CACHED call leaves the text
 embedders unrun too (HunyuanVideo's token refiner), as a stack method's does; the first block checks
 that the verdict measured the very tensors it receives.
 

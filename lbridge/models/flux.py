@@ -63,11 +63,14 @@ class FluxAdapter(ModelAdapter):
         return transformer.proj_out(transformer.norm_out(hidden, arguments["temb"]))
 
     def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
-        """norm1(x) * (1 + scale) + shift with the step's `temb`, as TeaCache reads it on FLUX.
-
-        No `probe_sources`: the text embedder it would spare is one matmul, and `modulation=batched`
-        answers `time_text_embed` from its table, so that module's output is not `temb` at a call."""
+        """norm1(x) * (1 + scale) + shift with the step's `temb`, as TeaCache reads it on FLUX."""
         return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+    def probe_sources(self, transformer: FluxTransformer2DModel) -> dict[str, torch.nn.Module]:
+        """The patch and step embeddings run before the T5 projection, so TeaCache's CACHED calls
+        skip it. Under `modulation=batched` the step embedding is answered from its table by a hook
+        outside this tap, which then never fires: the verdict waits for the first block, as before."""
+        return {"hidden_states": transformer.x_embedder, "temb": transformer.time_text_embed}
 
     def step_embedding(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
         return transformer.time_text_embed

@@ -71,7 +71,7 @@ class StepEmbeddingHook(ModelHook):
         step, branch = self.runtime.step, self.runtime.branch
         table = self.tables.get(branch)
         if table is None or table.timesteps is not scheduler.timesteps:
-            table = self.tables[branch] = self._build(scheduler.timesteps, timestep, rest)
+            table = self.tables[branch] = self._build(module, scheduler.timesteps, timestep, rest)
         table.mismatch |= _differs(table.inputs, step, (timestep, *rest))
         if step == len(table.timesteps) - 1:
             self._check(table, branch)
@@ -79,12 +79,17 @@ class StepEmbeddingHook(ModelHook):
             modulation.select(table, step, branch)
         return table.embeddings[step]
 
-    def _build(self, timesteps: torch.Tensor, timestep: torch.Tensor, rest: tuple) -> StepTable:
+    def _build(
+        self, module: torch.nn.Module, timesteps: torch.Tensor, timestep: torch.Tensor, rest: tuple
+    ) -> StepTable:
         steps, batch = len(timesteps), timestep.shape[0]
         stacked = self.to_embedding_timesteps(timesteps, timestep.dtype).to(timestep.device)
         every_step = stacked[:, None].expand(steps, batch).reshape(steps * batch)
         repeated = tuple(_repeat(arg, steps) for arg in rest)
-        embeddings = self.fn_ref.original_forward(every_step, *repeated)
+        # The module's own forward, not the hooks registered under this one: building the table is
+        # no call of this step, and a method's output tap there (TeaCache's) must not take every
+        # step's embeddings for the call's. Its children's hooks still run.
+        embeddings = type(module).forward(module, every_step, *repeated)
         return StepTable(
             timesteps, (every_step.view(steps, batch), *rest), embeddings.view(steps, batch, -1),
             torch.zeros((), dtype=torch.bool, device=timestep.device),
