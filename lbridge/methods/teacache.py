@@ -11,7 +11,7 @@ input, so only the embeddings, the probe's modulation and the head run. Where th
 the first block's probed inputs run before the text embedders (`ModelAdapter.probe_sources`:
 every family with a text stream), the verdict is taken there, and a CACHED call leaves the text
 embedders unrun too (HunyuanVideo's token refiner), as a stack method's does; the first block checks
-that the verdict measured the very tensors it receives.
+that the verdict measured the very tensors it receives (or views of their memory: Wan's `temb`).
 
 `coefficients: fit` fits that polynomial in `lbridge calibrate` from full-compute runs of the
 calibration prompts (input distance -> model-output distance, least squares); a list uses given
