@@ -21,7 +21,7 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown, tracked_modules
 from lbridge.bench.device import default_config, file_stem
-from lbridge.bench.memory import cache_bytes
+from lbridge.bench.memory import cache_bytes, run_peak_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
@@ -132,6 +132,27 @@ def test_columns_and_rows(table):
     assert (timed["efficiency"] - timed["latency_speedup"] / timed["flops_speedup"]).abs().max() < 1e-3
     assert (eager[eager["method"] == "learnibridge"]["calibrate_s"].dropna() > 0).any()
     assert frame[frame["method"] == "none"]["flops_speedup"].eq(1.0).all()
+
+
+def test_every_row_reports_the_memory_its_run_adds_which_holds_at_least_the_cache_it_builds(table):
+    frame = pd.read_csv(table / f"{BENCH}.csv", comment="#").dropna(subset=["latency_speedup"])
+    assert frame["run_peak_mb"].notna().all() and (frame["run_peak_mb"] > 0).all()
+    assert (frame["run_peak_mb"] >= frame["cache_mb"]).all()  # the cache is built during the run
+    assert "peak_mem_gb" not in frame.columns  # CUDA's allocator counter: no CPU figure pretends to be it
+
+
+def test_a_runs_peak_is_the_most_its_own_allocations_hold_at_once_not_their_sum():
+    before = [torch.empty(4 * 2**20)]  # 16 MiB from before the run: freeing it frees nothing counted
+    mib = 2**20 // 4  # float32 elements in 1 MiB
+
+    def run():
+        before.clear()
+        kept = torch.empty(4 * mib)
+        passing = torch.empty(8 * mib)
+        del passing
+        return kept, torch.empty(4 * mib)  # 8 MiB held now: the peak stays 12 MiB
+
+    assert run_peak_bytes(run, torch.device("cpu")) == 12 * 2**20
 
 
 @pytest.mark.parametrize("method", ["fora", "taylorseer", "teacache"])
@@ -324,7 +345,7 @@ def test_paired_timing_alternates_full_compute_and_the_method_run_by_run(monkeyp
         attach = each.attach
         monkeypatch.setattr(each, "attach", lambda attach=attach, name=name: order.append(name) or attach())
     contenders = [CompiledRegions(full, False), CompiledRegions(acc, False)]
-    reference, method = time_runs(contenders, loop, steps, repeats=2, warmup=0, count_syncs=False)
+    reference, method = time_runs(contenders, loop, steps, repeats=2, warmup=0, measure_last=False)
     assert order == ["full", "fora", "full", "fora"]
     assert len(reference.seconds) == len(method.seconds) == 2
     assert set(reference.realised) == {"F"} and "c" in method.realised

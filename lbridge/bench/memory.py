@@ -1,15 +1,27 @@
-"""How many bytes an accelerator holds beyond the model: every tensor its hooks keep between calls.
+"""Memory a method costs beyond the model: what its hooks keep between calls, and what a run holds at most.
 
-That is the method's cache; with `modulation=batched`, the sample's step tables (the embedding
-and every modulation's output for all steps: ~100 MB in bf16 at FLUX.1-dev's 50 steps), which full
-compute holds too when it runs batched; and the rotary embedding kept per CFG branch (its output
-only: the inputs it keeps a reference to are the pipeline's; FLUX.1-dev at 1024px: 4.7 MB)."""
+`cache_bytes`: every tensor the hooks keep between calls. That is the method's cache; with
+`modulation=batched`, the sample's step tables (the embedding and every modulation's output for all
+steps: ~100 MB in bf16 at FLUX.1-dev's 50 steps), which full compute holds too when it runs
+batched; and the rotary embedding kept per CFG branch (its output only: the inputs it keeps a
+reference to are the pipeline's; FLUX.1-dev at 1024px: 4.7 MB).
+
+`run_peak_bytes`: the most bytes the tensors a run allocates hold at once (activations, the cache
+it builds, its outputs), beyond the weights and inputs live when it starts. The same quantity on
+both devices: CUDA's allocator keeps the counter; the CPU's keeps none, so the profiler's
+allocation events are summed instead (one untimed run: the profiler costs host time per op).
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._C._profiler import _EventType, _ProfilerEvent
+from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
 from lbridge.runtime.context import CacheRuntime
@@ -43,3 +55,42 @@ def cache_bytes(acc: Accelerator) -> int:
         elif hasattr(obj, "__dict__") and not isinstance(obj, str):
             stack.extend(v for k, v in vars(obj).items() if k != "fn_ref")
     return sum(storages.values())
+
+
+def run_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Calls `run` once; the most bytes its own allocations held at once (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    # Kineto writes two stderr lines at every profiler start and stop: quiet, unless the user set a level.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch 2.11's note on profiler cycles
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+    events = _allocations(prof.profiler.kineto_results.experimental_event_tree())
+    live: dict[int, int] = {}  # pointer -> bytes, of blocks allocated during the run
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_time_ns):
+        size, ptr = event.extra_fields.alloc_size, event.extra_fields.ptr
+        if size > 0:
+            live[ptr] = size
+            held += size
+            peak = max(peak, held)
+        elif ptr in live:  # a block from before the run: what it freed was never counted
+            held -= live.pop(ptr)
+    return peak
+
+
+def _allocations(events: list[_ProfilerEvent]) -> Iterator[_ProfilerEvent]:
+    """The allocation and free events among `events` and everything nested in them."""
+    stack = list(events)
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            yield event
+        stack.extend(event.children)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.memory import cache_bytes
+from lbridge.bench.memory import cache_bytes, run_peak_bytes
 from lbridge.bench.models import BenchConfig, DenoisingLoop
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
@@ -52,8 +52,8 @@ DEFAULT_METHODS = (
 COLUMNS = (
     "method", "ratio_target", "mode", "schedule", "flops_speedup", "latency_speedup", "efficiency",
     "latency_s", "reference_s", "latency_spread", "cpu_time_speedup", "cpu_efficiency", "cache_mb",
-    "peak_mem_gb", "host_syncs", "calibrate_s", "regions", "graphs", "recompiles", "graph_breaks", "load_avg",
-    "note",
+    "run_peak_mb", "peak_mem_gb", "host_syncs", "calibrate_s", "regions", "graphs", "recompiles",
+    "graph_breaks", "load_avg", "note",
 )  # fmt: skip
 
 
@@ -69,12 +69,13 @@ def method_params(name: str, steps: int) -> dict[str, Any]:
 
 
 def host_syncs(run: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronising CUDA calls (`.item()`, device-to-host copies, ...) in one untimed run.
+    """Calls `run` once; on CUDA, the synchronising calls in it (`.item()`, device-to-host copies, ...).
 
     A sync stalls the host until the GPU drains, so the Python of the following CACHED steps can no
     longer hide behind queued GPU work: static methods should have none. None on CPU.
     """
     if device.type != "cuda":
+        run()
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,6 +101,7 @@ class Timing:
     cache_bytes: int
     peak_bytes: int | None
     syncs: int | None = None
+    run_peak_bytes: int | None = None  # measured in one more, untimed run (`time_runs`)
 
     @property
     def median(self) -> float:
@@ -151,13 +153,13 @@ class _Runs:
 
 def time_runs(
     contenders: Sequence[CompiledRegions], loop: DenoisingLoop, steps: int, repeats: int, warmup: int,
-    count_syncs: bool = True,
+    measure_last: bool = True,
 ) -> list[Timing]:  # fmt: skip
     """`warmup` untimed runs of each contender, then `repeats` rounds of one timed run of each in turn.
 
     With two contenders (full compute, a method) the runs alternate, each installed only for its own
-    run, so a machine whose speed drifts during the measurement slows both alike. Host syncs are
-    counted in one more, untimed run of the last contender.
+    run, so a machine whose speed drifts during the measurement slows both alike. Host syncs and the
+    run's peak memory are measured in one more, untimed run of the last contender (`measure_last`).
     """
     for contender in contenders if warmup else ():
         with contender.installed() as acc:
@@ -172,10 +174,15 @@ def time_runs(
     if not repeats:
         return []
     timings = [timed.timing(contender.acc) for contender, timed in zip(contenders, runs, strict=True)]
-    if count_syncs:
+    if measure_last:
+        last, device = timings[-1], loop.latents.device
         with contenders[-1].installed() as acc:
             acc.reset()
-            timings[-1].syncs = host_syncs(lambda: loop(steps), loop.latents.device)
+
+            def measured_run() -> None:
+                last.run_peak_bytes = run_peak_bytes(lambda: loop(steps), device)
+
+            last.syncs = host_syncs(measured_run, device)
     return timings
 
 
@@ -294,6 +301,7 @@ class SpeedBench:
             "cpu_time_speedup": cpu_x,
             "cpu_efficiency": None if cpu_x is None else cpu_x / flops_x,
             "cache_mb": result.cache_bytes / 2**20,
+            "run_peak_mb": None if result.run_peak_bytes is None else result.run_peak_bytes / 2**20,
             "peak_mem_gb": None if result.peak_bytes is None else result.peak_bytes / 2**30,
             "host_syncs": result.syncs,
             **stats.row(),
