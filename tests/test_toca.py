@@ -553,3 +553,29 @@ def test_sample_from_the_command_line_on_the_tiny_model(tmp_path):
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all((run_dir / r["file"]).exists() for r in records)
     assert "FLOPs speedup" in result.stdout
+
+
+@pytest.mark.parametrize("config_name", ["flux-tiny", "wan-tiny", "hunyuan-tiny"])
+def test_a_full_call_after_a_cached_one_holds_no_more_memory_than_after_a_full_one(config_name):
+    """The one-forward blocks drop the kept outputs they read when their CACHED call ends: held into
+    the next FULL call, every block's old outputs would stay alive beside the new ones."""
+    from lbridge.api import Accelerator
+    from lbridge.bench.memory import run_peak_bytes
+    from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer
+    from lbridge.runtime.context import SchedulerClock
+
+    config, cpu = CONFIGS[config_name], torch.device("cpu")
+    loop = DenoisingLoop(build_transformer(config, cpu, torch.float32), config, cpu, torch.float32)
+    acc = Accelerator(loop, load_method("toca", refresh_ratio=0.25), adapter_for(loop.transformer)(name="t"))
+    acc.plan(1.0, {"num_inference_steps": config.steps})
+    peaks = []
+    for pattern in ("F" * config.steps, ("Fc" * config.steps)[: config.steps]):
+        acc.runtime = CacheRuntime(SchedulerClock(loop.scheduler), Schedule.parse(pattern))
+        acc.attach()
+        try:
+            assert toca.ReusedAttentionBlockHook in [type(hook) for _, hook in acc.method._hooks]
+            peaks.append(run_peak_bytes(lambda: loop(config.steps), cpu))
+        finally:
+            acc.remove()
+    every_step_full, alternating = peaks
+    assert alternating <= every_step_full

@@ -454,7 +454,13 @@ class ReusedAttentionBlockHook(ModelHook):
         for chain in self.chains:
             chain.prepare()
         reused = [hook.stored() for hook in self.reused]
-        return self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
+        output = self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
+        # The chains' references to the kept outputs live as long as this call: held into the next
+        # FULL call, they would keep every block's old outputs alive beside the new (the whole cache
+        # twice at that call's peak).
+        for chain in self.chains:
+            chain.forget()
+        return output
 
     def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains
         for chain in self.chains:
