@@ -297,17 +297,22 @@ def test_a_block_level_method_compiles_every_block_of_the_video_families_too(con
     assert [id(m) for m in regions(acc)] == [id(b) for b in acc.adapter.blocks(acc.transformer)]
 
 
-def test_cache_bytes_counts_what_the_hooks_hold():
-    acc, loop = planned("fora")
+@pytest.mark.parametrize(
+    "name, outputs",
+    [("fora", 1), ("l2p", 3), ("tcc", 1)],
+    ids=["fora-the-last", "l2p-its-history-in-a-deque", "tcc-its-base-methods"],
+)
+def test_cache_bytes_counts_what_the_hooks_hold(name, outputs):
+    acc, loop = planned(name)
     acc.attach()
     assert cache_bytes(acc) == 0
     loop(CONFIGS["flux-tiny"].steps)
     held = cache_bytes(acc)
     acc.remove()
     tokens, transformer = 16 + 8, loop.transformer  # image + text, batch 1, float32
-    final = tokens * transformer.inner_dim * 4  # FORA site=stack: the final block's output
+    final = tokens * transformer.inner_dim * 4  # site=stack: the final block's output, kept per FULL step
     rotary = 2 * tokens * sum(transformer.config.axes_dims_rope) * 4  # cos and sin of every token
-    assert final + rotary <= held <= 2 * final + rotary
+    assert outputs * final + rotary <= held <= (outputs + 1) * final + rotary
 
 
 def test_cache_bytes_counts_the_batched_modulation_tables_full_compute_included():

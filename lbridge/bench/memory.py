@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def cache_bytes(acc: Accelerator) -> int:
     rotary_hooks = acc.rotary.hooks if acc.rotary is not None else []
     rotary = [entry.output for hook in rotary_hooks for entry in hook.entries.values()]
     # `batched_modulation`: None, or its step embedding hook and each modulation's tables.
-    stack: list[Any] = [*(hook for _, hook in acc.method._hooks), acc.batched_modulation, *rotary]
+    stack: list[Any] = [*acc.method.hooks(), acc.batched_modulation, *rotary]
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, _SKIP) or callable(obj) and not hasattr(obj, "__dict__"):
@@ -50,8 +51,8 @@ def cache_bytes(acc: Accelerator) -> int:
                 storages[storage.data_ptr()] = storage.nbytes()
         elif isinstance(obj, dict):
             stack.extend(obj.values())
-        elif isinstance(obj, list | tuple | set | frozenset):
-            stack.extend(obj)
+        elif isinstance(obj, Sequence | AbstractSet) and not isinstance(obj, str | bytes):
+            stack.extend(obj)  # lists, tuples, sets, and deques too (L2P's history of FULL outputs)
         elif hasattr(obj, "__dict__") and not isinstance(obj, str):
             stack.extend(v for k, v in vars(obj).items() if k != "fn_ref")
     return sum(storages.values())

@@ -67,6 +67,10 @@ class CacheMethod(ABC):
         remove_all(transformer, sorted({name for name, _ in self._hooks}))
         self._hooks.clear()
 
+    def hooks(self) -> list[ModelHook]:
+        """Every hook this method has installed, those of a method it wraps included (what it holds)."""
+        return [hook for _, hook in self._hooks]
+
     def reset(self) -> None:
         """Forget cached features (between samples); FULL steps refill them."""
         for _, hook in self._hooks:

@@ -107,6 +107,9 @@ class Tcc(CacheMethod):
         super().detach(transformer)
         self.base.detach(transformer)
 
+    def hooks(self) -> list[ModelHook]:
+        return [*super().hooks(), *self.base.hooks()]
+
     def reset(self) -> None:
         self.base.reset()
 
