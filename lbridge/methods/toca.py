@@ -445,6 +445,11 @@ class ReusedAttentionBlockHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
+            # The chains still point at the outputs this call replaces: held through it, they would
+            # keep every block's old outputs alive beside the new (the whole cache twice at its peak).
+            # Dropped here, not after each CACHED call, so the frequent call pays nothing for it.
+            for chain in self.chains:
+                chain.forget()
             outputs, attentions, exits = self.full(self.full_step, *args, **kwargs)
             for hook, attention in zip(self.attentions, attentions, strict=True):
                 hook.keep(attention)
@@ -454,13 +459,7 @@ class ReusedAttentionBlockHook(ModelHook):
         for chain in self.chains:
             chain.prepare()
         reused = [hook.stored() for hook in self.reused]
-        output = self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
-        # The chains' references to the kept outputs live as long as this call: held into the next
-        # FULL call, they would keep every block's old outputs alive beside the new (the whole cache
-        # twice at that call's peak).
-        for chain in self.chains:
-            chain.forget()
-        return output
+        return self.cached(ReusedAttentionStep(reused, self.chains), *args, **kwargs)
 
     def reset(self) -> None:  # the chains' hooks drop the sample's outputs: so do the chains
         for chain in self.chains:
