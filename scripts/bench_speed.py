@@ -25,8 +25,10 @@ import torch
 from lbridge.bench.calibrate import time_bridge_fit
 from lbridge.bench.device import default_config, device_name, file_stem
 from lbridge.bench.models import CONFIGS, BenchConfig, build_transformer
-from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench
+from lbridge.bench.run import COLUMNS, DEFAULT_METHODS, BenchOptions, SpeedBench, method_params
+from lbridge.errors import LbridgeError
 from lbridge.io import atomic_write_bytes
+from lbridge.methods.base import load_method
 from lbridge.models.base import DTYPES, adapter_for, resolve_device
 from lbridge.report.tables import to_markdown
 from lbridge.runtime.modulation import MODULATIONS
@@ -70,6 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
+    try:
+        [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        p.error(f"--ratios: '{args.ratios}' is not a comma-separated list of numbers (e.g. 2,3,4)")
+    for option in ("methods", "compile_methods"):  # before minutes of timing: a bad name is one line
+        for name in filter(None, (getattr(args, option) or "").split(",")):
+            try:
+                load_method(name, **method_params(name, args.steps or 20))
+            except LbridgeError as err:
+                p.error(f"--{option.replace('_', '-')}: {err}")
     return args
 
 

@@ -596,6 +596,23 @@ def test_a_bad_method_or_parameter_is_refused_in_one_line_before_any_timing(
     assert "error: --methods: " in err and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "fora,bogus"], "--methods: unknown method 'bogus' (accepted: "),
+        (["--compile-methods", "tocaa"], "--compile-methods: unknown method 'tocaa' (accepted: "),
+        (["--ratios", "2,x"], "--ratios: '2,x' is not a comma-separated list of numbers"),
+    ],
+)
+def test_the_speed_bench_refuses_a_bad_method_or_ratio_in_one_line_before_building_anything(
+    capsys, args, message
+):
+    with pytest.raises(SystemExit):
+        load_script().main(["--device", "cpu", "--config", "flux-tiny", *args])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_a_module_group_holds_a_module_of_every_block():
     transformer = build_transformer(CONFIGS["flux-tiny"], torch.device("cpu"), torch.float32)
     groups = tracked_modules(transformer)
