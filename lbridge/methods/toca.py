@@ -450,6 +450,11 @@ class ReusedAttentionBlockHook(ModelHook):
             # Dropped here, not after each CACHED call, so the frequent call pays nothing for it.
             for chain in self.chains:
                 chain.forget()
+            # This block's own kept outputs, too: nothing reads them at a FULL call, and held until
+            # `keep` replaces them they stand beside the new ones for the whole block.
+            branch = self.runtime.branch
+            for hook in [*self.attentions, *(chain.exit_hook for chain in self.chains)]:
+                hook.outputs.pop(branch, None)
             outputs, attentions, exits = self.full(self.full_step, *args, **kwargs)
             for hook, attention in zip(self.attentions, attentions, strict=True):
                 hook.keep(attention)

@@ -104,9 +104,14 @@ def block_full(
     norm_hidden_states = (norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
     self_attention = attn1(norm_hidden_states, None, None, rotary_emb)
     hidden_states = (hidden_states.float() + self_attention * gate_msa).type_as(hidden_states)
+    # Every temporary is freed where diffusers' forward frees it: held through the FFN beside the kept
+    # attention outputs, it would add to the block's peak (a ToCa run's is at most full compute's plus
+    # its cache, tested).
     norm_hidden_states = norm2(hidden_states.float()).type_as(hidden_states)
     cross_attention = attn2(norm_hidden_states, encoder_hidden_states, None, None)
-    hidden_states, ff_output = _feed_forward(hidden_states + cross_attention, ffn_modulation, step.chains)
+    del norm_hidden_states
+    hidden_states = hidden_states + cross_attention
+    hidden_states, ff_output = _feed_forward(hidden_states, ffn_modulation, step.chains)
     return hidden_states, [self_attention, cross_attention], [ff_output]
 
 
@@ -119,7 +124,8 @@ def block_reused(
     _, _, gate_msa, *ffn_modulation = _modulation(block, temb)
     self_attention, cross_attention = step.attentions
     hidden_states = (hidden_states.float() + self_attention * gate_msa).type_as(hidden_states)
-    hidden_states, _ = _feed_forward(hidden_states + cross_attention, ffn_modulation, step.chains)
+    hidden_states = hidden_states + cross_attention
+    hidden_states, _ = _feed_forward(hidden_states, ffn_modulation, step.chains)
     return hidden_states
 
 
@@ -141,7 +147,9 @@ def _feed_forward(
     if c_shift_msa.shape[1] != 1:  # per token: the refreshed tokens' own
         c_shift_msa, c_scale_msa = chain.gather(c_shift_msa), chain.gather(c_scale_msa)
     normed = chain.entry(chain.gather(hidden_states).float())  # gathered first: a float copy of those alone
-    ff_output = chain.exit((normed * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states))
+    modulated = (normed * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states)
+    del normed  # not held through the FFN (diffusers' forward frees it there)
+    ff_output = chain.exit(modulated)
     return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states), ff_output
 
 
