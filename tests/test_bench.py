@@ -21,7 +21,7 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown, tracked_modules
 from lbridge.bench.device import default_config, file_stem
-from lbridge.bench.memory import cache_bytes, run_peak_bytes
+from lbridge.bench.memory import cache_bytes, cache_watched, run_peak_bytes
 from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
@@ -30,6 +30,7 @@ from lbridge.methods.base import load_method
 from lbridge.models.base import adapter_for
 from lbridge.runtime.compile import BlockForward, CompiledRegions, regions
 from lbridge.runtime.context import CacheRuntime, SchedulerClock
+from lbridge.runtime.hooks import ModelHook, register, remove_all
 from lbridge.runtime.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,6 +314,53 @@ def test_cache_bytes_counts_what_the_hooks_hold(name, outputs):
     final = tokens * transformer.inner_dim * 4  # site=stack: the final block's output, kept per FULL step
     rotary = 2 * tokens * sum(transformer.config.axes_dims_rope) * 4  # cos and sin of every token
     assert outputs * final + rotary <= held <= (outputs + 1) * final + rotary
+
+
+def test_the_cache_is_watched_after_every_call_as_a_method_may_drop_it_when_the_sample_ends():
+    """diffusers' MagCache drops its residual when the sample's last step is done: after the run its
+    hooks hold none of it, while after each call they held one per CFG branch."""
+    acc, loop = planned("magcache", config_name="wan-tiny")
+    acc.attach()
+    with cache_watched(acc) as watch:
+        loop(loop.config.steps)
+    after = cache_bytes(acc)
+    acc.remove()
+    _, frames, height, width = loop.config.latent
+    tokens = frames * (height // 2) * (width // 2)  # patch (1, 2, 2)
+    residual = (
+        tokens * loop.transformer.config.num_attention_heads * loop.transformer.config.attention_head_dim * 4
+    )
+    assert watch.most >= after + len(loop.config.branches) * residual
+
+
+class AfterEachCall(ModelHook):
+    """Registered last on the transformer, so outermost: `check()` runs when each call is done."""
+
+    def __init__(self, check) -> None:
+        super().__init__()
+        self.check = check
+
+    def post_forward(self, module, output):
+        self.check()
+        return output
+
+
+def test_magcache_keeps_no_first_block_input_between_calls():
+    """diffusers' head hook keeps the first block's input for the tail's residual, and kept it until
+    the branch's next call: one token tensor per CFG branch beside the cache. lbridge drops it."""
+    acc, loop = planned("magcache", config_name="wan-tiny")
+    acc.attach()
+    states = acc.method.states._state_cache
+    kept = []
+    register(
+        acc.transformer, AfterEachCall(lambda: kept.extend(s.head_block_input for s in states.values())), "t"
+    )
+    try:
+        loop(loop.config.steps)
+    finally:
+        remove_all(acc.transformer, ["t"])
+        acc.remove()
+    assert len(kept) >= 2 * loop.config.steps and all(held is None for held in kept)
 
 
 def test_cache_bytes_counts_the_batched_modulation_tables_full_compute_included():

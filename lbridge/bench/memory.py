@@ -1,7 +1,8 @@
 """Memory a method costs beyond the model: what its hooks keep between calls, and what a run holds at most.
 
-`cache_bytes`: every tensor the hooks keep between calls. That is the method's cache; with
-`modulation=batched`, the sample's step tables (the embedding and every modulation's output for all
+`cache_bytes`: every tensor the hooks keep between calls (the bench takes the most of it after any
+call of a run, `cache_watched`: a method may drop its cache when the sample ends). That is the
+method's cache; with `modulation=batched`, the sample's step tables (the embedding and every modulation's output for all
 steps: ~100 MB in bf16 at FLUX.1-dev's 50 steps), which full compute holds too when it runs
 batched; and the rotary embedding kept per CFG branch (its output only: the inputs it keeps a
 reference to are the pipeline's; FLUX.1-dev at 1024px: 4.7 MB).
@@ -18,6 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,10 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from lbridge.api import Accelerator
 from lbridge.runtime.context import CacheRuntime
+from lbridge.runtime.hooks import PREFIX, ModelHook, register, remove_all
 from lbridge.runtime.schedule import Schedule
 
 #: Reached from hooks but not cache: model weights (bridge copies share them), the runtime, callables.
 _SKIP = (torch.nn.Module, CacheRuntime, Schedule, type, torch.dtype, torch.device)
+_WATCH = PREFIX + "bench.cache_watch"
 
 
 def cache_bytes(acc: Accelerator) -> int:
@@ -56,6 +60,32 @@ def cache_bytes(acc: Accelerator) -> int:
         elif hasattr(obj, "__dict__") and not isinstance(obj, str):
             stack.extend(v for k, v in vars(obj).items() if k != "fn_ref")
     return sum(storages.values())
+
+
+class CacheWatch(ModelHook):
+    """Outermost on the transformer while registered: the most `cache_bytes` held after any call.
+
+    A cache is at its largest between calls, not necessarily after the run: diffusers' MagCache
+    drops its residual when the sample's last step is done."""
+
+    def __init__(self, acc: Accelerator) -> None:
+        super().__init__()
+        self.acc, self.most = acc, 0
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.most = max(self.most, cache_bytes(self.acc))
+        return output
+
+
+@contextmanager
+def cache_watched(acc: Accelerator) -> Iterator[CacheWatch]:
+    """Watch the cache after every transformer call made inside (`CacheWatch`)."""
+    watch = CacheWatch(acc)
+    register(acc.transformer, watch, _WATCH)
+    try:
+        yield watch
+    finally:
+        remove_all(acc.transformer, [_WATCH])
 
 
 def run_peak_bytes(run: Callable[[], object], device: torch.device) -> int:

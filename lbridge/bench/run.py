@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lbridge.api import Accelerator
-from lbridge.bench.memory import cache_bytes, run_peak_bytes
+from lbridge.bench.memory import cache_bytes, cache_watched, run_peak_bytes
 from lbridge.bench.models import BenchConfig, DenoisingLoop
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import load_method
@@ -182,8 +182,11 @@ def time_runs(
             def counted_run() -> None:
                 last.syncs = host_syncs(lambda: loop(steps), device)
 
-            # Outermost: its own synchronisations stay out of the sync count.
-            last.run_peak_bytes = run_peak_bytes(counted_run, device)
+            # Outermost: its own synchronisations stay out of the sync count. The cache is watched
+            # after every call of this run: at its end a method may already have dropped it.
+            with cache_watched(acc) as watch:
+                last.run_peak_bytes = run_peak_bytes(counted_run, device)
+            last.cache_bytes = max(last.cache_bytes, watch.most)
     return timings
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.hooks.hooks import StateManager
 from diffusers.hooks.mag_cache import (
     FLUX_MAG_RATIOS,
     MagCacheBlockHook,
@@ -98,6 +99,7 @@ class MagCache(DiffusersBlockCache):
             num_inference_steps=steps, mag_ratios=ratios,
         )  # fmt: skip
         super().install(transformer, adapter, runtime)
+        self.add_hook(adapter.blocks(transformer)[-1], HeadInputRelease(self.states), "release")
         self.reuse_block_only_modules(transformer, adapter, runtime)
 
     def block_only_hook(self, runtime: CacheRuntime) -> ReuseOutputHook:
@@ -157,6 +159,22 @@ class MagCache(DiffusersBlockCache):
     def load_fitted(self, values: dict[str, Any]) -> None:
         if values.get("mag_ratios") is not None:
             self.mag_ratios = [float(r) for r in values["mag_ratios"]]
+
+
+class HeadInputRelease(ModelHook):
+    """Outermost on the last block: drops the first block's input that diffusers' head hook keeps.
+
+    The tail reads it, at a FULL call, to form the residual; after the call nothing does, but diffusers
+    keeps it until the branch's next call (and past the sample's end): one token tensor per CFG branch
+    held between calls, beside the residual that is the cache."""
+
+    def __init__(self, states: StateManager) -> None:
+        super().__init__()
+        self.states = states
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.states.get_state().head_block_input = None
+        return output
 
 
 class _ResidualTap(ModelHook):
