@@ -4,8 +4,8 @@
 call of a run, `cache_watched`: a method may drop its cache when the sample ends). That is the
 method's cache; with `modulation=batched`, the sample's step tables (the embedding and every
 modulation's output for all steps: ~100 MB in bf16 at FLUX.1-dev's 50 steps), which full compute
-holds too when it runs batched; and the rotary embedding kept per CFG branch (its output only: the inputs it keeps a
-reference to are the pipeline's; FLUX.1-dev at 1024px: 4.7 MB).
+holds too when it runs batched; and the rotary embedding kept per CFG branch (its output only: the
+inputs it keeps a reference to are the pipeline's; FLUX.1-dev at 1024px: 4.7 MB).
 
 `run_peak_bytes`: the most bytes the tensors a run allocates hold at once (activations, the cache
 it builds, its outputs), beyond the weights and inputs live when it starts. The same quantity on
