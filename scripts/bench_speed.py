@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (a row needs a timed run), got {args.repeats}")
     try:
-        [float(r) for r in args.ratios.split(",")]
+        args.ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
         p.error(f"--ratios: '{args.ratios}' is not a comma-separated list of numbers (e.g. 2,3,4)")
     for option in ("methods", "compile_methods"):  # before minutes of timing: a bad name is one line
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     config = replace(config, steps=args.steps or config.steps)
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
     methods = [m for m in args.methods.split(",") if m]
-    ratios = tuple(float(r) for r in args.ratios.split(","))
+    ratios = args.ratios
     loads: list[float] = [os.getloadavg()[0]]
     if args.threads:
         torch.set_num_threads(args.threads)

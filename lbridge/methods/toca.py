@@ -442,6 +442,8 @@ class ReusedAttentionBlockHook(ModelHook):
         # (a parallel block's gathered attention is read by its chain instead).
         self.reused = [hook for hook in attentions if isinstance(hook, ReuseOutputHook)]
         self.chains = [ChainAtStep(*hooks) for hooks in chains]  # built once: prepared at each call
+        # The hooks whose kept outputs (per CFG branch) a FULL call replaces.
+        self.keepers = [*attentions, *(chain.exit_hook for chain in self.chains)]
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.runtime.is_full:
@@ -453,7 +455,7 @@ class ReusedAttentionBlockHook(ModelHook):
             # This block's own kept outputs, too: nothing reads them at a FULL call, and held until
             # `keep` replaces them they stand beside the new ones for the whole block.
             branch = self.runtime.branch
-            for hook in [*self.attentions, *(chain.exit_hook for chain in self.chains)]:
+            for hook in self.keepers:
                 hook.outputs.pop(branch, None)
             outputs, attentions, exits = self.full(self.full_step, *args, **kwargs)
             for hook, attention in zip(self.attentions, attentions, strict=True):
