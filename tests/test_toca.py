@@ -306,6 +306,15 @@ def test_a_wan_block_with_a_modulation_per_token_reads_that_of_its_refreshed_tok
     assert torch.equal(fused, sites)
 
 
+def test_a_modulation_per_token_under_the_blocks_own_forward_is_refused_with_a_message():
+    # That forward modulates every token while the chain hands it the refreshed ones: a shape error
+    # at the first CACHED call, unless refused at the first (FULL) call.
+    with pytest.raises(LbridgeError, match=r"method.fused_blocks=false .*per token.*fused_blocks=true"):
+        run_bench_toca("wan-tiny", chains=True, fused_blocks=False, watch=per_token_timesteps)
+    per_step, *_ = run_bench_toca("wan-tiny", chains=True, fused_blocks=False)  # Wan2.1's: runs
+    assert torch.isfinite(per_step).all()
+
+
 ONE_FORWARD_CASES = [
     (config_name, *case)
     for config_name in ("flux-tiny", "wan-tiny", "hunyuan-tiny")

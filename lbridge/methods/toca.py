@@ -71,6 +71,7 @@ import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
+from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
 from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_gates, modulation_alone
@@ -79,7 +80,7 @@ from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
 if TYPE_CHECKING:
-    from lbridge.models.base import TokenChain
+    from lbridge.models.base import ModelAdapter, TokenChain
 
 SCORES = ("age", "static")
 TIE_BREAKS = ("spread", "raster")
@@ -418,6 +419,30 @@ class ChainAtFull:
         return tokens
 
 
+class ModulationPerStepCheck(ModelHook):
+    """Where a block runs its own forward under the chains' hooks (`method.fused_blocks=false`): a
+    call whose modulation differs per token is refused with a message. That forward modulates every
+    token while the chain hands it the refreshed ones only, which would fail at the first CACHED
+    call with a shape error. Checked at FULL calls alone (a sample's first call is one), so the
+    CACHED calls the module breakdown times pay nothing for it."""
+
+    def __init__(self, runtime: CacheRuntime, adapter: ModelAdapter, method_name: str) -> None:
+        super().__init__()
+        self.runtime, self.adapter, self.method_name = runtime, adapter, method_name
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.runtime.is_full:
+            arguments = bind_block_arguments(module, args, kwargs)
+            if self.adapter.modulation_per_token(module, arguments):
+                raise LbridgeError(
+                    f"method={self.method_name} with method.fused_blocks=false cannot run model "
+                    f"'{self.adapter.name}' with a modulation per token (a timestep per latent "
+                    "token, as Wan2.2 TI2V's): the block's own forward modulates every token. "
+                    "Use method.fused_blocks=true (the default), whose blocks gather it."
+                )
+        return args, kwargs
+
+
 class ReusedAttentionBlockHook(ModelHook):
     """On a block whose family has one-forward blocks: a FULL step runs its full-step forward and
     hands what it returns to the hooks on the block's modules, as they would have kept it; a CACHED
@@ -602,6 +627,8 @@ class ToCa(CacheMethod):
             inputs.append(self.add_hook(module, NoTokensHook(runtime), "attention_input"))
         gathers = [gather for *_, gather in hooks if gather is not None]
         forwards = self._block_forwards(block, adapter) if self.fused_blocks else None
+        if not self.fused_blocks:
+            self.add_hook(block, ModulationPerStepCheck(runtime, adapter, self.name), "modulation_check")
         # One forward: every attention reused (FLUX's double block, Wan's), or one parallel block's.
         if forwards is not None and (len(gathers) == 1 and not reused or reused and not gathers):
             attention = reused + gathers

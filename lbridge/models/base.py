@@ -181,6 +181,13 @@ class ModelAdapter:
         graph, as in full compute. None: the block's own forward runs, under its modules' hooks."""
         return None
 
+    def modulation_per_token(self, block: torch.nn.Module, arguments: dict[str, Any]) -> bool:
+        """Whether this block call's AdaLN modulation differs per token (Wan2.2 TI2V's per-token
+        timesteps), from its arguments by name. A block's own forward applies it to every token,
+        so ToCa's token chains under the modules' hooks cannot run on the refreshed tokens alone;
+        the one-forward blocks gather it. False: one modulation per sample."""
+        return False
+
     def modulated_input(self, block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
         """TeaCache's change indicator: the first block's timestep-modulated input, from the block's
         call arguments by name (all of them, or those `probe_sources` names).

@@ -10,7 +10,8 @@ from the final block's arguments. LearniBridge on Wan needs method.loss=block or
 ToCa: a block's token chain is `norm3 -> modulation -> ffn`, both attentions reused, and the block
 runs as one forward (`block_full`, `block_reused`). Those read a per-token modulation (Wan2.2 TI2V's
 per-token timesteps) at the refreshed tokens; the block's own forward under the chain's hooks
-(`method.fused_blocks=false`) cannot, so that combination is for Wan2.1's per-step modulation only.
+(`method.fused_blocks=false`) cannot, so that combination is for Wan2.1's per-step modulation only
+(a per-token call there is refused with a message, `modulation_per_token`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class WanAdapter(VideoAdapter):
         if not isinstance(block, WanTransformerBlock):
             return super().modulated_input(block, arguments)
         return arguments["temb"].flatten(1).float()
+
+    def modulation_per_token(self, block: torch.nn.Module, arguments: dict[str, Any]) -> bool:
+        """Wan2.2 TI2V: `temb` is (batch, tokens, 6, dim), a timestep per latent token."""
+        return isinstance(block, WanTransformerBlock) and arguments["temb"].ndim == 4
 
     def probe_sources(self, transformer: WanTransformer3DModel) -> dict[str, torch.nn.Module]:
         """`time_proj` runs inside the condition embedder before its text projection, so TeaCache's
