@@ -85,7 +85,7 @@ reliability-results: install
 
 # Speed: latency vs FLOPs speedup of every method, eager and regionally compiled, on a random-weight
 # transformer of a real config -> results/speed/<device>.{csv,md} (scripts/bench_speed.py --help).
-# CPU (no CUDA): the flux-medium config, every method eager and compiled, ~55 min on 2 idle cores. On a GPU:
+# CPU (no CUDA): the flux-medium config, every method eager and compiled, ~40 min on 2 idle cores. On a GPU:
 #   make bench BENCH_ARGS="--device cuda --config flux-dev"   (also wan21-1.3b, hunyuan-video)
 .PHONY: bench
 BENCH_ARGS ?= --threads 1 --repeats 5
