@@ -311,8 +311,11 @@ def test_a_modulation_per_token_under_the_blocks_own_forward_is_refused_with_a_m
     # at the first CACHED call, unless refused at the first (FULL) call.
     with pytest.raises(LbridgeError, match=r"method.fused_blocks=false .*per token.*fused_blocks=true"):
         run_bench_toca("wan-tiny", chains=True, fused_blocks=False, watch=per_token_timesteps)
-    per_step, *_ = run_bench_toca("wan-tiny", chains=True, fused_blocks=False)  # Wan2.1's: runs
-    assert torch.isfinite(per_step).all()
+    per_step, _, hooks, _ = run_bench_toca("wan-tiny", chains=True, fused_blocks=False)  # Wan2.1's: runs
+    assert torch.isfinite(per_step).all() and toca.ModulationPerStepCheck in hooks
+    # A family that never modulates per token gets no check (the module breakdown times its blocks).
+    _, _, flux_hooks, _ = run_bench_toca("flux-tiny", chains=True, fused_blocks=False)
+    assert toca.ModulationPerStepCheck not in flux_hooks
 
 
 ONE_FORWARD_CASES = [

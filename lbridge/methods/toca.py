@@ -74,13 +74,19 @@ from diffusers.models.attention_processor import Attention
 from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
-from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_gates, modulation_alone
+from lbridge.models.base import (
+    FullStep,
+    ModelAdapter,
+    ReusedAttentionStep,
+    adaln_zero_gates,
+    modulation_alone,
+)
 from lbridge.runtime.compile import BlockForward
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
 if TYPE_CHECKING:
-    from lbridge.models.base import ModelAdapter, TokenChain
+    from lbridge.models.base import TokenChain
 
 SCORES = ("age", "static")
 TIE_BREAKS = ("spread", "raster")
@@ -423,8 +429,8 @@ class ModulationPerStepCheck(ModelHook):
     """Where a block runs its own forward under the chains' hooks (`method.fused_blocks=false`): a
     call whose modulation differs per token is refused with a message. That forward modulates every
     token while the chain hands it the refreshed ones only, which would fail at the first CACHED
-    call with a shape error. Checked at FULL calls alone (a sample's first call is one), so the
-    CACHED calls the module breakdown times pay nothing for it."""
+    call with a shape error. Checked at FULL calls alone (a sample's first call is one), so
+    CACHED calls pay only the hook's dispatch; only families that can modulate per token get it."""
 
     def __init__(self, runtime: CacheRuntime, adapter: ModelAdapter, method_name: str) -> None:
         super().__init__()
@@ -441,6 +447,12 @@ class ModulationPerStepCheck(ModelHook):
                     "Use method.fused_blocks=true (the default), whose blocks gather it."
                 )
         return args, kwargs
+
+
+def _modulates_per_token_sometimes(adapter: ModelAdapter) -> bool:
+    """Whether the family can modulate per token at all (its adapter answers the question): the
+    others' blocks get no check, so the module breakdown's timings are not touched by it."""
+    return type(adapter).modulation_per_token is not ModelAdapter.modulation_per_token
 
 
 class ReusedAttentionBlockHook(ModelHook):
@@ -627,7 +639,7 @@ class ToCa(CacheMethod):
             inputs.append(self.add_hook(module, NoTokensHook(runtime), "attention_input"))
         gathers = [gather for *_, gather in hooks if gather is not None]
         forwards = self._block_forwards(block, adapter) if self.fused_blocks else None
-        if not self.fused_blocks:
+        if not self.fused_blocks and _modulates_per_token_sometimes(adapter):
             self.add_hook(block, ModulationPerStepCheck(runtime, adapter, self.name), "modulation_check")
         # One forward: every attention reused (FLUX's double block, Wan's), or one parallel block's.
         if forwards is not None and (len(gathers) == 1 and not reused or reused and not gathers):
