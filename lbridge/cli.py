@@ -86,13 +86,24 @@ def check_overrides(command: str, overrides: list[str], multirun: bool = True) -
         choices.append([f"{key}={v}" for v in values] if override.is_sweep_override() else [text])
     combos = itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        needed = list(compose(config_name=command))
         for combo in combos:
             try:
                 # Resolving finds a broken interpolation (`ratio=${oops}`) now, not inside the job.
-                OmegaConf.to_container(compose(config_name=command, overrides=list(combo)), resolve=True)
+                cfg = compose(config_name=command, overrides=list(combo))
+                OmegaConf.to_container(cfg, resolve=True)
             except (HydraException, OmegaConfBaseException, ValueError) as err:
                 return _explain(command, combo, err)
+            if deleted := [key for key in needed if key not in cfg]:
+                return _deleted_key(command, combo, deleted[0])
     return None
+
+
+def _deleted_key(command: str, combo: tuple[str, ...], key: str) -> str:
+    """Hydra lets `~key` delete a top-level key of the command's schema, which the command then reads
+    (a traceback inside the job); its nested schemas refuse deletion themselves."""
+    override = next((o for o in combo if o.startswith("~") and o[1:].split("=")[0] == key), f"~{key}")
+    return f"{override}: `lbridge {command}` needs '{key}': set it ({key}=...) instead of deleting it"
 
 
 def _explain(command: str, combo: tuple[str, ...], err: Exception) -> str:

@@ -55,6 +55,8 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "prompts.path=/nowhere.txt is not a file",
         ),
         (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (["collect", "~num_prompts=5"], "~num_prompts=5: `lbridge collect` needs 'num_prompts': set it"),
+        (["sample", "-m", "ratio=2,3", "~seed"], "~seed: `lbridge sample` needs 'seed'"),
         (
             ["sample", "runtime.modulation=fused"],
             "unknown runtime.modulation 'fused' (accepted: per_step, batched)",

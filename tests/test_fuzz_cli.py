@@ -73,6 +73,8 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 @example("sample", ["++prompts.path=x"])
 @example("sample", ["++prompts.offset="])
 @example("sample", ["--", "-qP_I^8"])
+@example("collect", ["~num_prompts=5"])
+@example("sample", ["~seed"])
 def test_fuzzed_overrides_never_show_a_traceback(command, overrides):
     code, output, stderr = run_cli([command, *overrides])
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output, output
