@@ -90,6 +90,7 @@ BAD_INPUTS = [
     Case("unknown metric", ["eval", "model.metrics=[psnr,nosuch]"]),
     Case("unknown prompt set", ["sample", "prompts=nosuch"]),
     Case("unknown config key", ["sample", "nosuchkey=1"]),
+    Case("a key the command needs, deleted", ["collect", "~num_prompts"]),
     Case("ratio above the maximum reachable", ["sample", "ratio=50"]),
     Case("ratio not a number / not finite", ["sample", "ratio=inf"]),
     Case("broken interpolation", ["sample", "ratio=${oops}"]),
