@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import re
 import sys
 import warnings
 from functools import partial
@@ -164,6 +165,15 @@ VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--conf
 CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
 
 
+# What argparse (Hydra's command line) takes for a positional argument, so an override, though it
+# starts with '-': a lone '-', a negative number, or anything with a space in it.
+NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _is_flag(arg: str) -> bool:
+    return arg.startswith("-") and arg != "-" and " " not in arg and not NEGATIVE_NUMBER.match(arg)
+
+
 def overrides_of(args: list[str]) -> list[str]:
     overrides, skip_next, flags_end = [], False, False
     for arg in args:
@@ -171,7 +181,7 @@ def overrides_of(args: list[str]) -> list[str]:
             skip_next = False
         elif arg == "--" and not flags_end:
             flags_end = True  # argparse's convention, which Hydra follows: all that follows is an override
-        elif arg.startswith("-") and not flags_end:
+        elif _is_flag(arg) and not flags_end:
             skip_next = arg in VALUE_FLAGS
         else:
             overrides.append(arg)

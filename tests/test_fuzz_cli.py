@@ -14,7 +14,7 @@ from unittest import mock
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lbridge import cli
 from lbridge.commands.setup import build_adapter, build_method, target_ratio
@@ -45,15 +45,31 @@ def checks_before_loading(cfg: DictConfig) -> None:
     load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
 
 
+def checks_before_calibrating(cfg: DictConfig) -> None:
+    """`lbridge calibrate` and `analyze`: the same, and their training prompts."""
+    checks_before_loading(cfg)
+    calibration = cfg.method.get("calibration", {})
+    load_prompts(cfg.prompts, calibration.get("num_prompts", 5), calibration.get("seed", 1000))
+
+
+def every_value(cfg: DictConfig) -> None:
+    """`lbridge report` reads its config's values alone before it reads the runs."""
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+# The commands whose `run` the fuzz replaces, by what they check before loading anything.
+CHECKED_COMMANDS = {"sample": checks_before_loading, "eval": checks_before_loading,
+                    "collect": checks_before_loading, "calibrate": checks_before_calibrating,
+                    "analyze": checks_before_calibrating, "report": every_value}  # fmt: skip
+
+
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    with (
-        mock.patch("lbridge.commands.sample.run", checks_before_loading),
-        mock.patch("lbridge.commands.eval.run", checks_before_loading),
-        mock.patch("lbridge.commands.collect.run", checks_before_loading),
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-    ):
+    with contextlib.ExitStack() as patches:
+        for command, checks in CHECKED_COMMANDS.items():
+            patches.enter_context(mock.patch(f"lbridge.commands.{command}.run", checks))
+        patches.enter_context(contextlib.redirect_stdout(out))
+        patches.enter_context(contextlib.redirect_stderr(err))
         try:
             code = cli.main(argv)
         except SystemExit as exit_:
@@ -62,8 +78,8 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue() + err.getvalue(), err.getvalue()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["sample", "eval", "collect"]), st.lists(OVERRIDE, min_size=1, max_size=3))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(list(CHECKED_COMMANDS)), st.lists(OVERRIDE, min_size=1, max_size=3))
 # Found by this test (each printed a traceback before it was fixed):
 @example("sample", ["ratio=${oops}"])
 @example("sample", ["ratio=nan"])
@@ -75,6 +91,8 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 @example("sample", ["--", "-qP_I^8"])
 @example("collect", ["~num_prompts=5"])
 @example("sample", ["~seed"])
+@example("report", ["-=vCuvn={a: 1}"])  # argparse hands Hydra a '-' argument with a space
+@example("sample", ["-1"])  # or a negative number
 def test_fuzzed_overrides_never_show_a_traceback(command, overrides):
     code, output, stderr = run_cli([command, *overrides])
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output, output
