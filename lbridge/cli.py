@@ -65,10 +65,13 @@ def _value_error(key: str, value: str) -> str | None:
 
 def check_overrides(command: str, overrides: list[str], multirun: bool = True) -> str | None:
     """Compose every combination a sweep would run; return a one-line error or None."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        return f"cannot parse overrides: {str(err).splitlines()[0]}"
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:  # one at a time, so the message names the one that does not parse
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except HydraException as err:
+            reason = str(err).splitlines()[0]
+            return f"cannot parse override '{text}': {reason} (overrides are key=value, e.g. ratio=3)"
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
         key = override.get_key_element()

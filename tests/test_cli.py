@@ -57,6 +57,7 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["sample", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
         (["collect", "~num_prompts=5"], "~num_prompts=5: `lbridge collect` needs 'num_prompts': set it"),
         (["sample", "-m", "ratio=2,3", "~seed"], "~seed: `lbridge sample` needs 'seed'"),
+        (["sample", "ratio=3", "-1"], "cannot parse override '-1': LexerNoViableAltException: -1 (overrides"),
         (
             ["sample", "runtime.modulation=fused"],
             "unknown runtime.modulation 'fused' (accepted: per_step, batched)",
