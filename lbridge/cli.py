@@ -90,7 +90,8 @@ def check_overrides(command: str, overrides: list[str], multirun: bool = True) -
         choices.append([f"{key}={v}" for v in values] if override.is_sweep_override() else [text])
     combos = itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        needed = list(compose(config_name=command))
+        # Only a `~key` override deletes: the default config is composed for it alone.
+        needed = list(compose(config_name=command)) if any(o.is_delete() for o in parsed) else []
         for combo in combos:
             try:
                 # Resolving finds a broken interpolation (`ratio=${oops}`) now, not inside the job.
