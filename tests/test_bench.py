@@ -752,14 +752,19 @@ def test_the_profile_with_gemms_times_each_calls_matrix_products_alone_in_a_file
     assert "--gemms times the products of whole calls: leave out --modules" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("name", "params"), [("none", {}), ("fora", {}), ("toca", {}), ("learnibridge", {}),
-                                              ("toca", {"fused_blocks": False})])  # fmt: skip
-def test_batched_modulation_compiles_inside_the_regions_and_replays_the_eager_latents(name, params):
+@pytest.mark.parametrize(("name", "params", "config_name"), [
+    ("none", {}, "flux-tiny"), ("fora", {}, "flux-tiny"), ("toca", {}, "flux-tiny"),
+    ("learnibridge", {}, "flux-tiny"), ("toca", {"fused_blocks": False}, "flux-tiny"),
+    ("toca", {}, "hunyuan-tiny"),  # a step embedding of two outputs, (temb, token_replace_emb)
+])  # fmt: skip
+def test_batched_modulation_compiles_inside_the_regions_and_replays_the_eager_latents(
+    name, params, config_name
+):
     """The modulations only return the row the step embedding's hook picked before the blocks ran,
     so traced into a compiled block (or a chain's norm) they read no step: the regions are per-step
     modulation's, the timed run builds no graph and runs them all, and it computes the eager
     latents bit for bit (a backend that runs dynamo's graphs as they are)."""
-    acc, loop = planned(name, modulation="batched", **params)
+    acc, loop = planned(name, modulation="batched", config_name=config_name, **params)
     per_step, _ = planned(name, loop, **params)
     assert [type(r) for r in regions(acc)] == [type(r) for r in regions(per_step)]
     acc.attach()  # no `forward` object of each module's own to guard on (torch 2.11: a graph per block)

@@ -1,8 +1,8 @@
 """`modulation=batched`: every AdaLN modulation computed once per sample for all its steps.
 
-FLUX's modulations (`norm1.linear`, `norm1_context.linear`, `norm.linear`) are one-row matmuls of
-the step embedding: batched, a sample reads their weights once instead of at every step, and samples
-what the per-step computation does up to rounding.
+FLUX's and HunyuanVideo's modulations (`norm1.linear`, `norm1_context.linear`, `norm.linear`) are
+one-row matmuls of the step embedding: batched, a sample reads their weights once instead of at every
+step, and samples what the per-step computation does up to rounding.
 """
 
 import numpy as np
@@ -15,6 +15,19 @@ import lbridge
 from lbridge.errors import LbridgeError
 from lbridge.models import load_adapter
 from lbridge.models.flux import FluxAdapter
+
+#: The families whose adapters name a step embedding: fixtures of their random pipelines.
+BATCHABLE = ["random_flux", "random_hunyuan"]
+
+
+@pytest.fixture(scope="module")
+def random_hunyuan():
+    """HunyuanVideo's classes at toy size, 8 steps: its step embedding returns two outputs."""
+    adapter = load_adapter("hunyuan_video", random_weights=True, dtype="float32", device="cpu", height=16,
+                           width=16, num_frames=5, max_sequence_length=8, num_inference_steps=8)  # fmt: skip
+    pipe = adapter.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return adapter, pipe
 
 
 class WeightReads(TorchDispatchMode):
@@ -46,20 +59,23 @@ def sample(pipe, adapter, method: str, modulation: str, seed: int = 0, **params)
     acc = lbridge.accelerate(pipe, method, 3.0, adapter=adapter, modulation=modulation, method_params=params,
                              prompt="a cat", **kwargs)  # fmt: skip
     try:
-        return pipe("a cat", generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        out = pipe("a cat", generator=torch.Generator().manual_seed(seed), **kwargs)
+        return np.asarray(out.frames if hasattr(out, "frames") else out.images)[0]
     finally:
         acc.remove()
 
 
+@pytest.mark.parametrize("model", BATCHABLE)
 @pytest.mark.parametrize("method", ["none", "fora", "toca"])
-def test_batched_modulation_samples_what_the_per_step_computation_does(random_flux, method):
-    adapter, pipe = random_flux
+def test_batched_modulation_samples_what_the_per_step_computation_does(request, model, method):
+    adapter, pipe = request.getfixturevalue(model)
     per_step, batched = (sample(pipe, adapter, method, m) for m in ("per_step", "batched"))
     np.testing.assert_allclose(batched, per_step, atol=1e-5)
 
 
-def test_a_sample_reads_each_modulation_weight_once_instead_of_once_per_step(random_flux):
-    adapter, pipe = random_flux
+@pytest.mark.parametrize("model", BATCHABLE)
+def test_a_sample_reads_each_modulation_weight_once_instead_of_once_per_step(request, model):
+    adapter, pipe = request.getfixturevalue(model)
     weights = modulation_weights(pipe)
     steps = adapter.num_inference_steps
     reads = {}

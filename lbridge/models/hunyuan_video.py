@@ -88,6 +88,15 @@ class HunyuanVideoAdapter(VideoAdapter):
         CACHED calls skip it (it was most of them on the CPU's hunyuan-medium: docs/speed.md)."""
         return {"hidden_states": transformer.x_embedder, "temb": transformer.time_text_embed}
 
+    def step_embedding(self, transformer: HunyuanVideoTransformer3DModel) -> torch.nn.Module:
+        """`(temb, token_replace_emb)` from the timestep, pooled text and guidance; the token
+        refiner embeds the timestep on its own (its modulations are not AdaLN-Zero: per step)."""
+        return transformer.time_text_embed
+
+    def embedding_timesteps(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """HunyuanVideoPipeline passes `t.expand(batch).to(latents.dtype)`, unscaled."""
+        return timesteps.to(dtype)
+
     def attn_mlp_sites(self, block: torch.nn.Module) -> list[torch.nn.Module]:
         return [getattr(block, name) for name in SITE_NAMES if hasattr(block, name)]
 

@@ -4,8 +4,9 @@ A FLUX block's AdaLN modulation (`norm1.linear`, `norm1_context.linear`, the sin
 `norm.linear`) turns the step embedding (timestep, guidance, pooled text: one row per sample) into
 the block's shifts, scales and gates. On FLUX.1-dev it is 27% of the parameters (3.2 B) in one-row
 matmuls: memory-bound, a call streams 6.5 GB of bf16 weights whatever a caching method skips, and
-FLOPs do not see it. ToCa, whose CACHED steps run every block on a tenth of the tokens, pays it at
-every step (docs/design.md, "ToCa across widths").
+FLOPs do not see it. HunyuanVideo's blocks have the same norms, 27% of its parameters too (3.4 B of
+12.8 B). ToCa, whose CACHED steps run every block on a tenth of the tokens, pays it at every step
+(docs/design.md, "ToCa across widths").
 
 The step embedding depends on the step's timestep and on inputs fixed for the whole sample, and all
 of a sample's timesteps are known when it starts (the scheduler's). So at a CFG branch's first call
@@ -48,8 +49,17 @@ class StepTable:
 
     timesteps: torch.Tensor  # the scheduler's, as the sample started: a new tensor means a new sample
     inputs: tuple  # the time embedding's arguments, every step's timestep stacked in the first
-    embeddings: torch.Tensor  # (steps, batch, dim)
+    embeddings: torch.Tensor  # (steps, batch, dim): what the AdaLN modulations read
+    #: The module's other outputs, per step (HunyuanVideo's returns `(temb, token_replace_emb)`,
+    #: the second None unless its I2V blocks read it); None: the module returns a tensor.
+    others: tuple[torch.Tensor | None, ...] | None
     mismatch: torch.Tensor  # a device flag: some call's inputs differed from the table's
+
+    def row(self, step: int) -> torch.Tensor | tuple[torch.Tensor | None, ...]:
+        """What the module returns at `step`: its output's rows for that step, in the same structure."""
+        if self.others is None:
+            return self.embeddings[step]
+        return (self.embeddings[step], *(None if o is None else o[step] for o in self.others))
 
 
 class StepEmbeddingHook(ModelHook):
@@ -77,7 +87,7 @@ class StepEmbeddingHook(ModelHook):
             self._check(table, branch)
         for modulation in self.modulations:
             modulation.select(table, step, branch)
-        return table.embeddings[step]
+        return table.row(step)
 
     def _build(
         self, module: torch.nn.Module, timesteps: torch.Tensor, timestep: torch.Tensor, rest: tuple
@@ -89,9 +99,11 @@ class StepEmbeddingHook(ModelHook):
         # The module's own forward, not the hooks registered under this one: building the table is
         # no call of this step, and a method's output tap there (TeaCache's) must not take every
         # step's embeddings for the call's. Its children's hooks still run.
-        embeddings = type(module).forward(module, every_step, *repeated)
+        output = type(module).forward(module, every_step, *repeated)
+        embeddings, *others = output if isinstance(output, tuple) else (output,)
         return StepTable(
-            timesteps, (every_step.view(steps, batch), *rest), embeddings.view(steps, batch, -1),
+            timesteps, (every_step.view(steps, batch), *rest), _per_step(embeddings, steps),
+            tuple(_per_step(o, steps) for o in others) if isinstance(output, tuple) else None,
             torch.zeros((), dtype=torch.bool, device=timestep.device),
         )  # fmt: skip
 
@@ -215,6 +227,11 @@ def _repeat(arg: Any, steps: int) -> Any:
     if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
         return arg.repeat(steps, *([1] * (arg.dim() - 1)))
     return arg
+
+
+def _per_step(output: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """An output over every step's rows (step-major), as (steps, batch, ...)."""
+    return None if output is None else output.view(steps, -1, *output.shape[1:])
 
 
 def _differs(inputs: tuple, step: int, actual: tuple) -> torch.Tensor:
