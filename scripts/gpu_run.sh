@@ -92,6 +92,15 @@ finish() {
 mirror=$!
 trap finish EXIT
 
+# modulation=batched where the config's family has a step embedding to batch (not Wan, whose
+# modulation runs once per call outside the blocks): elsewhere the profile would stop at it.
+batched_profile() {
+  if "$PYTHON" -c "import sys; from lbridge.bench.models import CONFIGS, batches_modulation as b; sys.exit(not b(CONFIGS[sys.argv[1]]))" "$CONFIG"; then
+    profile --modulation batched "$@"
+  else
+    echo "modulation=batched: not for $CONFIG (its family computes its modulation once per call): skipped"
+  fi
+}
 bench() { "$PYTHON" scripts/bench_speed.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
 profile() { "$PYTHON" scripts/profile_cached_step.py --device "$DEVICE" --config "$CONFIG" --out "$results" "$@"; }
 # Versions, and on CUDA the device's name, memory, copy bandwidth and bf16 matmul rate (a few seconds).
@@ -146,9 +155,9 @@ case $part in
     bench --methods "" --compile-methods fora,toca,learnibridge --no-calibrate --name "$stem-compiled" "$@" ;;
   profile)
     profile --methods fora,toca,toca:fused_blocks=false,learnibridge,fbcache --runs 3 --gemms "$@"
-    profile --methods fora,toca --runs 3 --modulation batched "$@"
+    batched_profile --methods fora,toca --runs 3 "$@"
     profile --methods toca --runs 3 --modules "$@" ;;
   profile-compiled)
     profile --methods fora,toca,learnibridge,fbcache --runs 3 --compile "$@"
-    profile --methods fora,toca --runs 3 --compile --modulation batched "$@" ;;
+    batched_profile --methods fora,toca --runs 3 --compile "$@" ;;
 esac

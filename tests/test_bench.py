@@ -22,7 +22,7 @@ from lbridge.api import Accelerator
 from lbridge.bench.breakdown import module_breakdown, tracked_modules
 from lbridge.bench.device import default_config, file_stem
 from lbridge.bench.memory import cache_bytes, cache_watched, run_peak_bytes
-from lbridge.bench.models import CONFIGS, DenoisingLoop, build_transformer, with_heads
+from lbridge.bench.models import CONFIGS, DenoisingLoop, batches_modulation, build_transformer, with_heads
 from lbridge.bench.ops import ops_per_call
 from lbridge.bench.run import COLUMNS, BenchOptions, SpeedBench, method_params, speedup, time_runs
 from lbridge.config import group_options
@@ -480,18 +480,19 @@ def test_a_width_sweep_profiles_the_config_at_each_head_count_in_one_table(tmp_p
     assert build_transformer(widened, torch.device("cpu"), torch.float32).inner_dim == 64
 
 
-def gpu_run_command(part: str, *args: str, tmp_path: Path) -> dict:
+def gpu_run_command(part: str, *args: str, tmp_path: Path, config: str = "flux-tiny") -> dict:
     """scripts/gpu_run.sh (docs/gpu.md) on this CPU at flux-tiny size, writing under `tmp_path`."""
     # KIT empty: the installed packages, whatever a local `make gpu-kit` left (or is rebuilding) in
     # the checkout's .gpu-kit.
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CONFIG": "flux-tiny",
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CONFIG": config,
            "COMPILE_BACKEND": "eager", "OUT": str(tmp_path / "out"),
            "RESULTS": str(tmp_path / "results"), "MIRROR_S": "1", "KIT": ""}  # fmt: skip
     return {"args": ["bash", str(ROOT / "scripts" / "gpu_run.sh"), part, *args], "cwd": ROOT, "env": env}
 
 
-def gpu_run(part: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(**gpu_run_command(part, *args, tmp_path=tmp_path), capture_output=True, text=True)
+def gpu_run(part: str, *args: str, tmp_path: Path, config: str = "flux-tiny") -> subprocess.CompletedProcess:
+    command = gpu_run_command(part, *args, tmp_path=tmp_path, config=config)
+    return subprocess.run(**command, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(
@@ -523,6 +524,26 @@ def test_a_gpu_part_runs_its_script_and_hands_back_what_it_wrote(tmp_path, part,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
     if part == "check":  # and the command line, compiled (the sample's own outputs stay out of OUT)
         assert "0 built during the timed generations, 0 graph breaks (toca)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "batches"), [("flux-tiny", True), ("hunyuan-tiny", True), ("wan-tiny", False)]
+)
+def test_modulation_is_batched_for_the_families_with_a_step_embedding(config, batches):
+    assert batches_modulation(CONFIGS[config]) is batches
+
+
+def test_the_profile_part_skips_batched_modulation_where_the_family_has_none(tmp_path):
+    """Wan computes its modulation once per call outside the blocks: `CONFIG=wan21-1.3b`'s profile
+    part says so and goes on to the module breakdown, instead of stopping at the refusal."""
+    done = gpu_run("profile", "--methods", "fora", "--runs", "1", tmp_path=tmp_path, config="wan-tiny")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "modulation=batched: not for wan-tiny" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"cpu-wan-tiny-cached-step{kind}.{ext}"
+        for kind in ("", "-gemms", "-modules")
+        for ext in ("csv", "md")
+    )
 
 
 def test_the_bridge_part_times_learnibridge_and_its_fit_alone(tmp_path):

@@ -21,6 +21,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from lbridge.models.base import adapter_for
+
 Inputs = tuple[torch.Tensor, dict[str, dict[str, Any]]]  # initial latents, call kwargs per CFG branch
 
 
@@ -165,6 +167,13 @@ def build_transformer(config: BenchConfig, device: torch.device, dtype: torch.dt
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
+
+
+def batches_modulation(config: BenchConfig) -> bool:
+    """Whether `modulation=batched` applies to the config's family: its adapter names a step
+    embedding (FLUX, HunyuanVideo); Wan computes its modulation once per call outside the blocks."""
+    transformer = build_transformer(config, torch.device("meta"), torch.bfloat16)  # no weights made
+    return adapter_for(transformer)(name=config.name).step_embedding(transformer) is not None
 
 
 def _flux_inputs(config: BenchConfig, g: torch.Generator) -> Inputs:
