@@ -96,6 +96,8 @@ BAD_INPUTS = [
     Case("broken interpolation", ["sample", "ratio=${oops}"]),
     Case("sweep values without -m", ["sample", "schedule.interval=2,3,4"]),
     Case("CUDA device that is not there", ["sample", "model.device=cuda:7"]),
+    Case("runtime.modulation=batched for a model with nothing to batch (Wan2.1)",
+         ["sample", "model=wan21_1_3b", "runtime.modulation=batched"]),
     Case("empty prompt file", ["sample", "prompts=drawbench", "prompts.path=empty.txt"],
          lambda root: (root / "empty.txt").write_text("\n")),
     Case("prompt file missing", ["sample", "prompts=drawbench", "prompts.path=/nowhere.txt"]),

@@ -67,6 +67,10 @@ def lbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "unknown runtime.compile_backend 'turbo' (accepted: inductor, cudagraphs, eager, aot_eager",
         ),
         (["sample", "runtime.compile=maybe"], "runtime.compile=maybe: Value 'maybe' is not a valid bool"),
+        (
+            ["sample", "model=wan21_1_3b", "runtime.modulation=batched"],  # refused before loading weights
+            "runtime.modulation=batched is not available for model 'wan21_1_3b'",
+        ),
         (["eval", "runtime.modulation=fused"], "unknown runtime.modulation 'fused' (accepted: per_step"),
         (["paint"], "unknown command 'paint' (accepted: collect, calibrate, sample, eval, report, analyze, "),
         (["eval", "method=fora", "ratio=3"], "run `lbridge sample` first"),

@@ -32,6 +32,7 @@ from lbridge.runs import (
     sample_key,
 )
 from lbridge.runtime.compile import CompiledRegions, CompileStats
+from lbridge.runtime.modulation import check_batchable
 
 SAMPLES = "samples.jsonl"
 RANK_SAMPLES = "samples.rank-*.jsonl"  # a data-parallel rank's records until rank 0 merges them
@@ -184,6 +185,7 @@ def run(cfg: DictConfig) -> Path:
     target_ratio(cfg)
     check_runtime(cfg)
     adapter = build_adapter(cfg)
+    check_batchable(adapter, cfg.runtime.modulation, "runtime.modulation")  # before the weights load
     distributed.init(adapter.device)
     process_tag()
     method = build_method(cfg.method)

@@ -34,6 +34,7 @@ import torch
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
 from lbridge.errors import LbridgeError
+from lbridge.models.base import ModelAdapter
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, register, remove_all
 
@@ -184,10 +185,7 @@ class StepBatchedModulation:
         embedding_module = adapter.step_embedding(transformer)
         norms = [m for m in transformer.modules() if isinstance(m, ADALN_CLASSES)]
         if embedding_module is None or not norms:
-            raise LbridgeError(
-                f"modulation=batched is not available for model '{adapter.name}' (its adapter names no "
-                f"step embedding, or its blocks have no AdaLN modulation); accepted: {MODULATIONS[0]}"
-            )
+            raise unavailable(adapter.name)
         other = [type(n.linear).__name__ for n in norms if type(n.linear) is not torch.nn.Linear]
         if other:
             raise LbridgeError(
@@ -213,6 +211,21 @@ class StepBatchedModulation:
     def reset(self) -> None:
         if self.embedding is not None:
             self.embedding.reset()
+
+
+def unavailable(model: str, key: str = "modulation") -> LbridgeError:
+    return LbridgeError(
+        f"{key}=batched is not available for model '{model}' (its adapter names no step embedding, "
+        f"or its blocks have no AdaLN modulation); accepted: {MODULATIONS[0]}"
+    )
+
+
+def check_batchable(adapter: Any, modulation: str, key: str = "modulation") -> None:
+    """Refuses `batched` for a family whose adapter names no step embedding, before its weights load
+    (`attach` checks the loaded transformer again: its embedding and its AdaLN norms)."""
+    names_one = type(adapter).step_embedding is not ModelAdapter.step_embedding
+    if modulation == "batched" and not names_one:
+        raise unavailable(adapter.name, key)
 
 
 def check_modulation(modulation: str, key: str = "modulation") -> str:
