@@ -22,6 +22,7 @@ from diffusers import (
 )
 
 from lbridge.models.base import adapter_for
+from lbridge.runtime.modulation import batchable
 
 Inputs = tuple[torch.Tensor, dict[str, dict[str, Any]]]  # initial latents, call kwargs per CFG branch
 
@@ -170,10 +171,9 @@ def build_transformer(config: BenchConfig, device: torch.device, dtype: torch.dt
 
 
 def batches_modulation(config: BenchConfig) -> bool:
-    """Whether `modulation=batched` applies to the config's family: its adapter names a step
-    embedding (FLUX, HunyuanVideo); Wan computes its modulation once per call outside the blocks."""
+    """Whether `modulation=batched` applies to the config's family (`batchable`: FLUX, HunyuanVideo)."""
     transformer = build_transformer(config, torch.device("meta"), torch.bfloat16)  # no weights made
-    return adapter_for(transformer)(name=config.name).step_embedding(transformer) is not None
+    return batchable(adapter_for(transformer))
 
 
 def _flux_inputs(config: BenchConfig, g: torch.Generator) -> Inputs:

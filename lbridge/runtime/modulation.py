@@ -214,17 +214,23 @@ class StepBatchedModulation:
 
 
 def unavailable(model: str, key: str = "modulation") -> LbridgeError:
+    """The refusal of `batched` for `model`; `key`: the option's name (`runtime.modulation` on the CLI)."""
     return LbridgeError(
         f"{key}=batched is not available for model '{model}' (its adapter names no step embedding, "
         f"or its blocks have no AdaLN modulation); accepted: {MODULATIONS[0]}"
     )
 
 
-def check_batchable(adapter: Any, modulation: str, key: str = "modulation") -> None:
-    """Refuses `batched` for a family whose adapter names no step embedding, before its weights load
-    (`attach` checks the loaded transformer again: its embedding and its AdaLN norms)."""
-    names_one = type(adapter).step_embedding is not ModelAdapter.step_embedding
-    if modulation == "batched" and not names_one:
+def batchable(adapter_class: type[ModelAdapter]) -> bool:
+    """Whether the family has a step embedding to batch: its adapter names one (FLUX, the tiny model,
+    HunyuanVideo; Wan and PixArt modulate once per call outside the blocks already)."""
+    return adapter_class.step_embedding is not ModelAdapter.step_embedding
+
+
+def check_batchable(adapter: ModelAdapter, modulation: str, key: str = "modulation") -> None:
+    """Refuses `batched` for a family with no step embedding, before its weights load (`attach`
+    checks the loaded transformer again: its embedding and its AdaLN norms)."""
+    if modulation == "batched" and not batchable(type(adapter)):
         raise unavailable(adapter.name, key)
 
 
