@@ -44,7 +44,7 @@ class BenchJob:
 
 
 def has_head(adapter: ModelAdapter) -> bool:
-    return type(adapter).head is not ModelAdapter.head
+    return type(adapter).overrides("head")
 
 
 def record_trajectories(

@@ -74,19 +74,13 @@ from diffusers.models.attention_processor import Attention
 from lbridge.calibration.trajectories import bind_block_arguments
 from lbridge.errors import LbridgeError
 from lbridge.methods.base import CacheMethod
-from lbridge.models.base import (
-    FullStep,
-    ModelAdapter,
-    ReusedAttentionStep,
-    adaln_zero_gates,
-    modulation_alone,
-)
+from lbridge.models.base import FullStep, ReusedAttentionStep, adaln_zero_gates, modulation_alone
 from lbridge.runtime.compile import BlockForward
 from lbridge.runtime.context import CacheRuntime
 from lbridge.runtime.hooks import ModelHook, ReuseOutputHook
 
 if TYPE_CHECKING:
-    from lbridge.models.base import TokenChain
+    from lbridge.models.base import ModelAdapter, TokenChain
 
 SCORES = ("age", "static")
 TIE_BREAKS = ("spread", "raster")
@@ -449,12 +443,6 @@ class ModulationPerStepCheck(ModelHook):
         return args, kwargs
 
 
-def _modulates_per_token_sometimes(adapter: ModelAdapter) -> bool:
-    """Whether the family can modulate per token at all (its adapter answers the question): the
-    others' blocks get no check, so the module breakdown's timings are not touched by it."""
-    return type(adapter).modulation_per_token is not ModelAdapter.modulation_per_token
-
-
 class ReusedAttentionBlockHook(ModelHook):
     """On a block whose family has one-forward blocks: a FULL step runs its full-step forward and
     hands what it returns to the hooks on the block's modules, as they would have kept it; a CACHED
@@ -639,7 +627,8 @@ class ToCa(CacheMethod):
             inputs.append(self.add_hook(module, NoTokensHook(runtime), "attention_input"))
         gathers = [gather for *_, gather in hooks if gather is not None]
         forwards = self._block_forwards(block, adapter) if self.fused_blocks else None
-        if not self.fused_blocks and _modulates_per_token_sometimes(adapter):
+        # Only a family that can modulate per token gets the check (the module breakdown times the others').
+        if not self.fused_blocks and type(adapter).overrides("modulation_per_token"):
             self.add_hook(block, ModulationPerStepCheck(runtime, adapter, self.name), "modulation_check")
         # One forward: every attention reused (FLUX's double block, Wan's), or one parallel block's.
         if forwards is not None and (len(gathers) == 1 and not reused or reused and not gathers):

@@ -62,6 +62,12 @@ class ModelAdapter:
 
     transformer_class: ClassVar[type | None] = None
 
+    @classmethod
+    def overrides(cls, method: str) -> bool:
+        """Whether the family's adapter answers `method` itself (the base's answer fits none of it:
+        a step embedding to batch, a head to fit, a modulation that can be per token)."""
+        return getattr(cls, method) is not getattr(ModelAdapter, method)
+
     def __init__(
         self,
         name: str,

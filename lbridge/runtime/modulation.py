@@ -224,7 +224,7 @@ def unavailable(model: str, key: str = "modulation") -> LbridgeError:
 def batchable(adapter_class: type[ModelAdapter]) -> bool:
     """Whether the family has a step embedding to batch: its adapter names one (FLUX, the tiny model,
     HunyuanVideo; Wan and PixArt modulate once per call outside the blocks already)."""
-    return adapter_class.step_embedding is not ModelAdapter.step_embedding
+    return adapter_class.overrides("step_embedding")
 
 
 def check_batchable(adapter: ModelAdapter, modulation: str, key: str = "modulation") -> None:
